@@ -1,0 +1,1 @@
+"""Config loading, training/evaluation loops, distributed setup, checkpoints."""

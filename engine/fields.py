@@ -1,0 +1,38 @@
+"""Schema building blocks shared by every config section.
+
+A schema is a nested dict whose leaves are :class:`Field`. Each section of the
+config (model, data, train, ...) owns its schema next to the code that reads it
+(``models/schema.py``, ``data/schema.py``, ``engine/schema.py``); the loader in
+``engine/config.py`` checks a merged YAML tree against the union of them.
+"""
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
+
+
+class ConfigError(ValueError):
+    """A config, override or argument that cannot be used; the message is one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key: its default, a one-line doc, and what values it accepts.
+
+    ``type`` defaults to the type of ``default`` (int is accepted where float is
+    expected; None is accepted when ``nullable``). ``check`` is called with
+    ``(value, path)`` and raises :class:`ConfigError` for values the type alone
+    cannot rule out (e.g. a plugin list).
+    """
+    default: Any
+    doc: str
+    type: Optional[Tuple[type, ...]] = None
+    choices: Optional[Tuple[Any, ...]] = None
+    nullable: bool = False
+    check: Optional[Callable[[Any, str], None]] = None
+
+    def types(self):
+        if self.type is not None:
+            return self.type if isinstance(self.type, tuple) else (self.type,)
+        if self.default is None:
+            return (object,)
+        t = type(self.default)
+        return (int, float) if t is float else (t,)

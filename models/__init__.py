@@ -1,0 +1,120 @@
+"""Backbones and ``build_model``: a model is a backbone + a conv type + plug-in blocks.
+
+``build_model({'backbone': 'resnet50', 'num_classes': 1000, 'conv': {'type': 'plain'},
+'plugins': [{'type': 'ce', 'position': 'after_norm', 'stages': [1, 2, 3], 'stem': True}]})``
+"""
+import difflib
+import inspect
+
+import torch
+
+from blocks.conv import ConvFactory, conv_option_names
+from blocks.registry import CONVS, get_block, get_conv
+from engine.fields import ConfigError
+
+from .cifar_resnet import CifarResNet, build_cifar_resnet
+from .mobilenetv2 import MobileNetV2, build_mobilenet_v2
+from .plugins import SPEC_KEYS, block_options, parse_plugins
+from .resnet import ARCHS as RESNET_ARCHS, ResNet, build_resnet
+
+BACKBONES = {name: (build_resnet, ResNet) for name in RESNET_ARCHS}
+BACKBONES["mobilenet_v2"] = (build_mobilenet_v2, MobileNetV2)
+BACKBONES.update({f"cifar_resnet{d}": (build_cifar_resnet, CifarResNet) for d in (20, 32, 44, 56, 110)})
+
+
+def _get(cfg, key, default=None):
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def _nearest(name, names):
+    match = difflib.get_close_matches(str(name), list(names), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def build_model(model_cfg):
+    """Build the model a ``model`` config section describes (validated first)."""
+    validate_model_cfg(model_cfg, build=False)
+    name = _get(model_cfg, "backbone")
+    builder, _ = BACKBONES[name]
+    specs = parse_plugins(_get(model_cfg, "plugins", []))
+    conv = ConvFactory(_get(model_cfg, "conv", {"type": "plain"}))
+    return builder(name, conv, specs, int(_get(model_cfg, "num_classes", 1000)),
+                   **dict(_get(model_cfg, "backbone_args", {}) or {}))
+
+
+def validate_model_cfg(model_cfg, build=True):
+    """Refuse a model section that cannot be built, with one sentence saying why.
+
+    Checks names and options statically, then (``build=True``) builds the model on the
+    meta device so value errors (e.g. groups that do not divide channels) surface at load.
+    """
+    name = _get(model_cfg, "backbone")
+    if name not in BACKBONES:
+        raise ConfigError(f"model.backbone: unknown backbone '{name}'{_nearest(name, BACKBONES)}; "
+                          f"valid: {', '.join(sorted(BACKBONES))}")
+    builder, cls = BACKBONES[name]
+    args = dict(_get(model_cfg, "backbone_args", {}) or {})
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "conv", "specs", "num_classes",
+                                                                   "block", "layers", "depth"}
+    for key in args:
+        if key not in accepted:
+            raise ConfigError(f"model.backbone_args.{key}: {name} takes no argument '{key}'"
+                              f"{_nearest(key, accepted)}; valid: {', '.join(sorted(accepted))}")
+    conv_cfg = dict(_get(model_cfg, "conv", {"type": "plain"}) or {})
+    conv_type = conv_cfg.get("type", "plain")
+    if conv_type not in CONVS:
+        raise ConfigError(f"model.conv.type: unknown conv type '{conv_type}'{_nearest(conv_type, CONVS)}; "
+                          f"valid: {', '.join(sorted(CONVS))}")
+    conv_opts = conv_option_names(conv_type) | {"type", "exclude"}
+    for key in conv_cfg:
+        if key not in conv_opts:
+            raise ConfigError(f"model.conv.{key}: conv type '{conv_type}' has no option '{key}'"
+                              f"{_nearest(key, conv_opts)}; valid: {', '.join(sorted(conv_opts))}")
+    _validate_plugins(_get(model_cfg, "plugins", []) or [], name, cls)
+    if build:
+        try:
+            with torch.device("meta"):
+                build_model(model_cfg)
+        except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model: {name} cannot be built with this config: {first}") from None
+
+
+def _validate_plugins(plugins, backbone, cls):
+    if not isinstance(plugins, (list, tuple)):
+        raise ConfigError(f"model.plugins must be a list of mappings, got {type(plugins).__name__}")
+    for i, raw in enumerate(plugins):
+        where = f"model.plugins.{i}"
+        if not isinstance(raw, dict) or "type" not in raw:
+            raise ConfigError(f"{where} must be a mapping with a 'type' key, e.g. {{type: ce}}; got {raw!r}")
+        try:
+            block = get_block(raw["type"])
+        except KeyError as e:
+            raise ConfigError(f"{where}.type: {e.args[0]}") from None
+        position = raw.get("position", block.positions[0])
+        if position not in block.positions:
+            raise ConfigError(f"{where}.position: block '{block.block_name}' attaches at "
+                              f"{' or '.join(block.positions)}, not '{position}'")
+        if position not in cls.places:
+            raise ConfigError(f"{where}: block '{block.block_name}' needs a '{position}' place, which backbone "
+                              f"'{backbone}' does not offer (it offers {', '.join(cls.places)})")
+        if raw.get("stem") and not block.stem_ok:
+            raise ConfigError(f"{where}.stem: block '{block.block_name}' cannot follow the stem norm; remove 'stem'")
+        stages = raw.get("stages")
+        if stages is not None:
+            stages_l = [stages] if isinstance(stages, int) else stages
+            if not isinstance(stages_l, (list, tuple)) or not all(isinstance(s, int) for s in stages_l):
+                raise ConfigError(f"{where}.stages must be a list of stage numbers, got {stages!r}")
+            bad = [s for s in stages_l if not 1 <= s <= cls.num_stages]
+            if bad:
+                raise ConfigError(f"{where}.stages: {bad} out of range; backbone '{backbone}' has stages "
+                                  f"1..{cls.num_stages}")
+        opts = block_options(parse_plugins([raw])[0])
+        for key in raw:
+            if key not in SPEC_KEYS and key not in opts:
+                valid = sorted(set(opts) | set(SPEC_KEYS))
+                raise ConfigError(f"{where}.{key}: block '{block.block_name}' has no option '{key}'"
+                                  f"{_nearest(key, valid)}; valid: {', '.join(valid)}")
+
+
+__all__ = ["build_model", "validate_model_cfg", "BACKBONES", "get_conv"]

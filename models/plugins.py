@@ -1,0 +1,113 @@
+"""Plug-in specs: parse the config's ``model.plugins`` list and attach blocks to backbone places.
+
+A spec is ``{type, position, stages, stem, **options}``. Backbones call
+:func:`attach` at each place they offer (the residual branch after its last
+norm, the parallel path from the shortcut, the stem norm); blocks chain in the
+order the config lists them.
+"""
+from dataclasses import dataclass, field
+
+import blocks
+from blocks.registry import get_block, options_of
+
+SPEC_KEYS = ("type", "position", "stages", "stem")
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    type: str
+    position: str
+    stages: tuple = None          # 1-based stage numbers; None = every stage
+    stem: bool = False
+    options: dict = field(default_factory=dict)
+
+    @property
+    def cls(self):
+        return get_block(self.type)
+
+    def applies(self, stage, position):
+        return position == self.position and (self.stages is None or stage in self.stages)
+
+
+def parse_plugins(plugins_cfg):
+    """Turn the YAML plugin list into :class:`PluginSpec`; raises ValueError with one sentence."""
+    specs = []
+    for i, raw in enumerate(plugins_cfg or []):
+        if not isinstance(raw, dict) or "type" not in raw:
+            raise ValueError(f"model.plugins.{i} must be a mapping with a 'type' key, got {raw!r}")
+        raw = dict(raw)
+        cls = get_block(raw.pop("type"))
+        position = raw.pop("position", cls.positions[0])
+        stages = raw.pop("stages", None)
+        stem = bool(raw.pop("stem", False))
+        if stages is not None:
+            stages = (stages,) if isinstance(stages, int) else tuple(stages)
+        specs.append(PluginSpec(cls.block_name, position, stages, stem, raw))
+    return specs
+
+
+def block_options(spec):
+    """The option names block ``spec.type`` accepts (its constructor's keyword arguments)."""
+    return options_of(spec.cls, skip=1)
+
+
+def unique_name(host, base):
+    name, k = base, 1
+    while hasattr(host, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def attach(host, specs, stage, channels, position, prefix=""):
+    """Create the blocks of ``specs`` that apply at (stage, position) as submodules of ``host``.
+
+    Returns their attribute names in config order (the host's forward applies them in turn).
+    """
+    names = []
+    for spec in specs:
+        if not spec.applies(stage, position):
+            continue
+        module = spec.cls(channels, **spec.options)
+        module._blocklab_plugin = True
+        name = unique_name(host, prefix + spec.type)
+        host.add_module(name, module)
+        names.append(name)
+    return names
+
+
+def attach_stem(host, specs, channels):
+    """Blocks with ``stem: true`` that follow the stem norm; named ``stem_<type>``."""
+    names = []
+    for spec in specs:
+        if spec.stem:
+            module = spec.cls(channels, **spec.options)
+            module._blocklab_plugin = True
+            name = unique_name(host, "stem_" + spec.type)
+            host.add_module(name, module)
+            names.append(name)
+    return names
+
+
+def branch_width(specs, width, stage, groups=1):
+    """Mid width of a host bottleneck after blocks that resize it (ED -A/-B) have their say."""
+    for spec in specs:
+        hook = getattr(spec.cls, "branch_width", None)
+        if hook is not None and spec.applies(stage, spec.position):
+            new = hook(width, stage, **spec.options)
+            width = max(groups, int(round(new / groups)) * groups)  # grouped convs need multiples
+    return width
+
+
+def init_backbone(model, init_fn):
+    """Apply ``init_fn`` to every module of ``model`` outside plug-in subtrees (blocks init themselves)."""
+    def visit(module):
+        if getattr(module, "_blocklab_plugin", False):
+            return
+        init_fn(module)
+        for child in module.children():
+            visit(child)
+    visit(model)
+
+
+__all__ = ["PluginSpec", "parse_plugins", "attach", "attach_stem", "branch_width", "init_backbone",
+           "SPEC_KEYS", "block_options", "blocks"]

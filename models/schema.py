@@ -1,0 +1,21 @@
+"""The ``model`` section of the config: which backbone, which conv, which plug-ins."""
+from engine.fields import Field
+
+MODEL_SCHEMA = {
+    "backbone": Field("resnet50", "backbone name: resnet18/34/50/101/152, resnext50_32x4d, "
+                      "resnext101_32x4d, resnext101_32x8d, mobilenet_v2, cifar_resnet20/32/44/56/110"),
+    "num_classes": Field(1000, "classifier outputs; checked against the dataset's class count"),
+    "backbone_args": Field({}, "extra backbone arguments, e.g. {width_mult: 0.75} for mobilenet_v2, "
+                           "{shortcut: B} for CIFAR ResNets, {zero_init_residual: true} for ResNets"),
+    "conv": Field({"type": "plain"}, "conv factory: {type: plain} or {type: we, lwe: true, mwe: true, "
+                  "ws: false, exclude: [roles]}; roles: stem, regular, depthwise, downsample, head"),
+    "plugins": Field([], "plug-in blocks, applied in order: [{type: ce|ed|se, position: after_norm|parallel, "
+                     "stages: [1, 2, 3], stem: false, <block options>}]"),
+    "sync_bn": Field(False, "convert BatchNorm to SyncBatchNorm when training on several processes"),
+}
+MODEL_SCHEMA.update({
+    "pretrained": Field(None, "weights to start from: a path, a model-zoo name or a URL (ours, torchvision's, "
+                        "or the CENet / ED-Net / WE repositories' checkpoints)", type=str, nullable=True),
+    "pretrained_ignore": Field([], "glob patterns of model keys not to load from 'pretrained' "
+                               "(e.g. ['fc.*'] for a new classifier); other mismatches are errors"),
+})

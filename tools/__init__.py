@@ -1,0 +1,1 @@
+"""Entry points: python -m tools.<name> (train, test, flops, benchmark, export, ...)."""
