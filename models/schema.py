@@ -11,7 +11,6 @@ MODEL_SCHEMA = {
                   "ws: false, exclude: [roles]}; roles: stem, regular, depthwise, downsample, head"),
     "plugins": Field([], "plug-in blocks, applied in order: [{type: ce|ed|se, position: after_norm|parallel, "
                      "stages: [1, 2, 3], stem: false, <block options>}]"),
-    "sync_bn": Field(False, "convert BatchNorm to SyncBatchNorm when training on several processes"),
 }
 MODEL_SCHEMA.update({
     "pretrained": Field(None, "weights to start from: a path, a model-zoo name or a URL (ours, torchvision's, "
