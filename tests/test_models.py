@@ -1,0 +1,153 @@
+"""Backbones: torchvision parity, every backbone x block combination, config refusals."""
+import pytest
+import torch
+import torchvision
+
+from engine.fields import ConfigError
+from models import BACKBONES, build_model, validate_model_cfg
+from models.weights import WeightsMismatchError, load_weights
+
+TV_NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+            "resnext50_32x4d", "resnext101_32x8d", "mobilenet_v2"]
+
+
+def shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", TV_NAMES)
+def test_plain_backbone_equals_torchvision_keys_and_params(name):
+    ours, ref = build_model({"backbone": name}), getattr(torchvision.models, name)()
+    assert shapes(ours) == shapes(ref)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("width", [0.5, 0.75, 1.0, 1.4])
+def test_mobilenet_v2_widths_equal_torchvision(width):
+    ours = build_model({"backbone": "mobilenet_v2", "backbone_args": {"width_mult": width}})
+    assert shapes(ours) == shapes(torchvision.models.mobilenet_v2(width_mult=width))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "mobilenet_v2"])
+def test_torchvision_state_dict_gives_identical_outputs(name):
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, name)().eval()
+    ours = build_model({"backbone": name}).eval()
+    report = load_weights(ours, {"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}})
+    assert report.ok and report.loaded == len(ref.state_dict())
+    x = torch.randn(2, 3, 71, 89)  # odd size: nothing is hard-coded to 224
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_cifar_resnet_param_counts_match_the_paper():
+    # He et al. 2016, Table 6: ResNet-20 0.27M, -32 0.46M, -44 0.66M, -56 0.85M, -110 1.7M
+    for depth, published in [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7)]:
+        params = sum(p.numel() for p in build_model({"backbone": f"cifar_resnet{depth}",
+                                                     "num_classes": 10}).parameters())
+        assert abs(params / 1e6 - published) / published < 0.02, (depth, params)
+
+
+COMBOS = {
+    "ce": {"plugins": [{"type": "ce", "stem": True}]},
+    "ed": {"plugins": [{"type": "ed", "position": "parallel"}]},
+    "se": {"plugins": [{"type": "se"}]},
+    "we": {"conv": {"type": "we"}},
+    "ed+se": {"plugins": [{"type": "se"}, {"type": "ed", "position": "parallel"}]},
+    "ed/g4": {"plugins": [{"type": "ed", "position": "parallel", "groups": 4}]},  # CIFAR widths
+    "ce+se+we": {"conv": {"type": "we"}, "plugins": [{"type": "se", "stages": [2]}, {"type": "ce"}]},
+}
+HEAVY = {"resnet101", "resnet152", "resnext101_32x4d", "resnext101_32x8d"}
+
+
+def allowed(backbone, combo):
+    cfg = dict({"backbone": backbone, "num_classes": 5}, **combo)
+    try:
+        validate_model_cfg(cfg)  # builds on the meta device: value errors count as refusals
+        return True
+    except ConfigError:
+        return False
+
+
+CASES = [(b, c) for b in sorted(BACKBONES) for c in COMBOS
+         if allowed(b, COMBOS[c]) and (b not in HEAVY or c in ("ce", "ed+se"))]
+
+
+def test_the_combination_matrix_is_what_we_think():
+    assert ("mobilenet_v2", "ed") not in CASES and ("mobilenet_v2", "ce") in CASES
+    assert all((b, c) in CASES for b in ("resnet50", "resnext50_32x4d") for c in COMBOS)
+    assert ("cifar_resnet20", "ed") not in CASES and ("cifar_resnet20", "ed/g4") in CASES
+
+
+@pytest.mark.parametrize("backbone,combo", CASES)
+def test_every_allowed_combination_builds_runs_and_trains(backbone, combo):
+    torch.manual_seed(0)
+    model = build_model(dict({"backbone": backbone, "num_classes": 5}, **COMBOS[combo]))
+    size = 16 if backbone.startswith("cifar") else 48
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_plugins_are_named_after_their_type_and_placed_by_stage():
+    model = build_model({"backbone": "resnet50", "plugins": [
+        {"type": "ce", "stages": [1, 2, 3], "stem": True}, {"type": "se", "stages": [4]},
+        {"type": "se", "stages": [4]}]})
+    keys = model.state_dict().keys()
+    assert any(k.startswith("stem_ce.") for k in keys)
+    assert any(k.startswith("layer3.5.ce.") for k in keys)
+    assert not any(k.startswith("layer4.0.ce.") for k in keys)
+    assert any(k.startswith("layer4.2.se_1.") for k in keys)
+    assert model.layer4[0].after_norm == ["se", "se_1"]
+
+
+def test_after_norm_blocks_chain_in_config_order():
+    torch.manual_seed(0)
+    model = build_model({"backbone": "cifar_resnet20", "num_classes": 3,
+                         "plugins": [{"type": "se", "stages": [1]}, {"type": "ce", "stages": [1]}]}).eval()
+    block = model.layer1[0]
+    seen = {}
+    block.se.register_forward_hook(lambda m, i, o: seen.__setitem__("se_out", o))
+    block.ce.register_forward_hook(lambda m, i, o: seen.__setitem__("ce_in", i[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    assert torch.equal(seen["se_out"], seen["ce_in"])  # CE consumes SE's output, not the same input
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"backbone": "resnet05"}, "unknown backbone 'resnet05' (did you mean 'resnet50'?)"),
+    ({"backbone": "mobilenet_v2", "plugins": [{"type": "ed", "position": "parallel"}]},
+     "block 'ed' needs a 'parallel' place, which backbone 'mobilenet_v2' does not offer"),
+    ({"backbone": "resnet50", "plugins": [{"type": "cee"}]}, "unknown block type 'cee' (did you mean 'ce'?)"),
+    ({"backbone": "resnet50", "plugins": [{"type": "se", "reductoin": 8}]},
+     "block 'se' has no option 'reductoin' (did you mean 'reduction'?)"),
+    ({"backbone": "resnet50", "plugins": [{"type": "se", "stages": [5]}]}, "[5] out of range"),
+    ({"backbone": "resnet50", "plugins": [{"type": "se", "stem": True}]}, "cannot follow the stem norm"),
+    ({"backbone": "resnet50", "plugins": [{"type": "se", "position": "parallel"}]},
+     "block 'se' attaches at after_norm, not 'parallel'"),
+    ({"backbone": "resnet50", "conv": {"type": "wee"}}, "unknown conv type 'wee' (did you mean 'we'?)"),
+    ({"backbone": "mobilenet_v2", "backbone_args": {"width": 0.5}}, "takes no argument 'width'"),
+    ({"backbone": "cifar_resnet20", "backbone_args": {"shortcut": "C"}}, "shortcut must be 'A' or 'B'"),
+])
+def test_impossible_models_are_refused_with_one_sentence(cfg, message):
+    with pytest.raises(ConfigError) as err:
+        validate_model_cfg(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_weights_of_another_architecture_are_refused_with_the_exact_keys():
+    model = build_model({"backbone": "resnet18", "num_classes": 10})
+    with pytest.raises(WeightsMismatchError, match=r"fc.weight: checkpoint \[1000, 512\] vs model \[10, 512\]"):
+        load_weights(model, torchvision.models.resnet18().state_dict())
+    report = load_weights(model, torchvision.models.resnet18().state_dict(), ignore=["fc.*"])
+    assert report.ok and report.ignored == ["fc.weight", "fc.bias"]
+    with pytest.raises(WeightsMismatchError, match="unexpected"):
+        load_weights(model, torchvision.models.resnet34().state_dict(), ignore=["fc.*"])
+    partial = load_weights(model, torchvision.models.resnet34().state_dict(), strict=False)
+    assert partial.unexpected and partial.mismatched and not partial.ok
