@@ -1,0 +1,191 @@
+"""Weight Excitation (WE): attention applied to a conv's weights, not its activations.
+
+Quader et al., "Weight Excitation: Built-in Attention Mechanisms in
+Convolutional Neural Networks", ECCV 2020. For a conv weight W of shape
+(C_out, C_in/g, k, k), ``WEConv2d`` convolves with the excited weight
+
+1. WS (optional, off by default) -- weight standardisation of each filter:
+   ``W_o <- (W_o - mean(W_o)) / (std(W_o) + 1e-5)`` over its C_in/g*k*k entries
+   (unbiased std, eps added to the std, as the original does).
+2. LWE, location-based weight excitation (paper, "Location-based weight
+   excitation"): for each output filter W_o, the spatial mean of each kernel
+   (a C_in/g vector) goes through an MLP shared by all filters of the layer,
+   ``FC1 (C_in/g -> max(C_in // 16, 1), bias) -> ReLU -> FC2 (-> C_in/g, bias) -> sigmoid``,
+   giving one gate per (output, input) kernel: ``W'_{o,i} = m_{o,i} * W_{o,i}``.
+   The hidden width uses the *full* C_in (``in_channels // reduction``), as the original does.
+3. MWE, magnitude-based weight excitation (paper, "Magnitude-based weight
+   excitation"), applied after LWE: ``W' = M_A * artanh(W / M_A)`` with
+   ``M_A = (1 + 0.1) * max|W|`` over the whole tensor of the layer. It boosts
+   the gradient of large-magnitude weights; |W / M_A| <= 1/1.1 keeps artanh finite.
+
+The excited weight depends on parameters only, so it is computed once per forward
+(not per sample), in the parameters' precision even under autocast, and at
+inference ``fold_we`` bakes it into plain ``nn.Conv2d`` layers (same outputs,
+plain-conv cost). ``.weight`` / ``.bias`` stay the raw parameters (torchvision keys
+still match); the LWE MLP lives in the ``lwe`` submodule (``conv1.lwe.fc1.weight``).
+
+Original (unofficial) code: Ridwan230/pytorch-classification-weight-excitation,
+``models/layers.py`` ``Conv2d``. Its final commit runs LWE only (WS and MWE are
+commented out there; the LWE+MWE+WS variant sits in a string at the end of the
+file): to reproduce that code use ``{type: we, lwe: true, mwe: false, ws: false}``.
+Deliberate differences: the original skips MWE on the first forward call of each
+layer (a ``self.count`` flag, not saved in checkpoints, so a reloaded model also
+skips MWE on its first evaluation batch); here MWE is applied on every call.
+``M_A`` is clamped away from 0 so an all-zero weight gives zeros, not NaN.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import register_conv
+
+__all__ = ["LWE", "WEConv2d", "fold_we"]
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+class _FC(nn.Module):
+    """A fully connected layer of the LWE MLP.
+
+    Not an ``nn.Linear`` / ``nn.Conv2d`` on purpose: backbone init loops that
+    re-initialise those types must leave the LWE MLP at its own default init
+    (PyTorch's default for a 1x1 conv, as in the original).
+    """
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(self.weight.shape[1])
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
+
+
+class LWE(nn.Module):
+    """Location-based WE gates: (C_out, C_in/g, k, k) weight -> (C_out, C_in/g, 1, 1) gates in (0, 1)."""
+
+    def __init__(self, channels, hidden):
+        super().__init__()
+        self.fc1 = _FC(channels, hidden)
+        self.fc2 = _FC(hidden, channels)
+
+    def forward(self, weight):
+        z = weight.mean(dim=(2, 3))              # (C_out, C_in/g): mean of each k x k kernel
+        z = F.relu(self.fc1(z))
+        return torch.sigmoid(self.fc2(z))[:, :, None, None]
+
+
+def standardize_weight(weight, eps=1e-5):
+    """Weight standardisation per output filter (unbiased std, eps added to the std)."""
+    w = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+    return w / (w.flatten(1).std(dim=1).view(-1, 1, 1, 1) + eps)
+
+
+def magnitude_excite(weight, margin=0.1):
+    """MWE: ``M_A * artanh(W / M_A)`` with ``M_A = (1 + margin) * max|W|`` over the tensor."""
+    m = (1.0 + margin) * weight.abs().amax()
+    m = m.clamp_min(torch.finfo(weight.dtype).tiny)
+    return m * torch.atanh(weight / m)
+
+
+@register_conv("we")
+class WEConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight is excited by WS -> LWE -> MWE before each convolution.
+
+    Options (config ``model.conv``): ``lwe`` / ``mwe`` / ``ws`` switch the three
+    steps; ``reduction`` is the LWE MLP's reduction ratio r (hidden width
+    ``max(in_channels // r, 1)``); ``mwe_margin`` is the paper's epsilon_A
+    (``M_A = (1 + mwe_margin) * max|W|``); ``ws_eps`` is WS's epsilon.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1,
+                 bias=False, dilation=1, lwe=True, mwe=True, ws=False, reduction=16,
+                 mwe_margin=0.1, ws_eps=1e-5):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias)
+        if reduction < 1:
+            raise ValueError(f"WE reduction must be >= 1, got {reduction}")
+        if mwe_margin <= 0:
+            raise ValueError(f"WE mwe_margin must be > 0 (artanh needs |W/M_A| < 1), got {mwe_margin}")
+        if ws and self.weight[0].numel() < 2:
+            raise ValueError(f"WE ws: true needs >= 2 weights per filter to standardise; this conv "
+                             f"({in_channels}->{out_channels}, k={self.kernel_size}, groups={groups}) "
+                             f"has 1: set ws: false or exclude this conv role")
+        self.use_lwe, self.use_mwe, self.use_ws = bool(lwe), bool(mwe), bool(ws)
+        self.reduction, self.mwe_margin, self.ws_eps = int(reduction), float(mwe_margin), float(ws_eps)
+        self.lwe = LWE(in_channels // groups, max(in_channels // reduction, 1)) if lwe else None
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if getattr(self, "lwe", None) is not None:
+            self.lwe.fc1.reset_parameters()
+            self.lwe.fc2.reset_parameters()
+
+    def excited_weight(self):
+        """The weight this layer convolves with (differentiable wrt ``weight`` and the LWE MLP)."""
+        w = self.weight
+        dev = w.device.type
+        ctx = torch.autocast(dev, enabled=False) if dev in _AUTOCAST_DEVICES else contextlib.nullcontext()
+        with ctx:  # excitation in parameter precision; only the conv itself follows autocast
+            if self.use_ws:
+                w = standardize_weight(w, self.ws_eps)
+            if self.lwe is not None:
+                w = w * self.lwe(w)
+            if self.use_mwe:
+                w = magnitude_excite(w, self.mwe_margin)
+        return w
+
+    def forward(self, x):
+        return self._conv_forward(x, self.excited_weight(), self.bias)
+
+    def to_plain(self):
+        """A plain ``nn.Conv2d`` holding the excited weight (for inference)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                         padding=self.padding, dilation=self.dilation, groups=self.groups,
+                         bias=self.bias is not None, padding_mode=self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.excited_weight())
+            conv.weight.requires_grad_(self.weight.requires_grad)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+                conv.bias.requires_grad_(self.bias.requires_grad)
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", lwe={self.use_lwe}, mwe={self.use_mwe}, ws={self.use_ws}"
+                + (f", reduction={self.reduction}" if self.use_lwe else "")
+                + (f", mwe_margin={self.mwe_margin}" if self.use_mwe else ""))
+
+
+def fold_we(model):
+    """Replace every ``WEConv2d`` in ``model`` (in place) by a plain ``nn.Conv2d`` with its excited weight.
+
+    The folded model computes the same outputs at plain-conv cost and has the
+    parameter names of the plain backbone (the ``lwe.*`` parameters are gone).
+    It is meant for inference: training it trains the excited weights directly.
+    Returns ``model`` (or the replacement, when ``model`` itself is a ``WEConv2d``).
+    """
+    if isinstance(model, WEConv2d):
+        return model.to_plain()
+    done = {}  # a WEConv2d shared by two parents stays shared
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, WEConv2d):
+                if id(child) not in done:
+                    done[id(child)] = child.to_plain()
+                setattr(parent, name, done[id(child)])
+    return model
