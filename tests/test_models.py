@@ -48,16 +48,13 @@ def test_cifar_resnet_param_counts_match_the_paper():
         assert abs(params / 1e6 - published) / published < 0.02, (depth, params)
 
 
+# Two models per backbone cover every block and conv type: the after-norm blocks chained with
+# WE convs, and the parallel ED path with SE (the ED-SE systems).
 COMBOS = {
-    "ce": {"plugins": [{"type": "ce", "stem": True}]},
-    "ed": {"plugins": [{"type": "ed", "position": "parallel"}]},
-    "se": {"plugins": [{"type": "se"}]},
-    "we": {"conv": {"type": "we"}},
+    "ce+se+we": {"conv": {"type": "we"}, "plugins": [{"type": "se", "stages": [2]}, {"type": "ce", "stem": True}]},
     "ed+se": {"plugins": [{"type": "se"}, {"type": "ed", "position": "parallel"}]},
-    "ed/g4": {"plugins": [{"type": "ed", "position": "parallel", "groups": 4}]},  # CIFAR widths
-    "ce+se+we": {"conv": {"type": "we"}, "plugins": [{"type": "se", "stages": [2]}, {"type": "ce"}]},
+    "ed/g4+se": {"plugins": [{"type": "se"}, {"type": "ed", "position": "parallel", "groups": 4}]},  # CIFAR widths
 }
-HEAVY = {"resnet101", "resnet152", "resnext101_32x4d", "resnext101_32x8d"}
 
 
 def allowed(backbone, combo):
@@ -69,21 +66,22 @@ def allowed(backbone, combo):
         return False
 
 
-CASES = [(b, c) for b in sorted(BACKBONES) for c in COMBOS
-         if allowed(b, COMBOS[c]) and (b not in HEAVY or c in ("ce", "ed+se"))]
+CASES = [(b, c) for b in sorted(BACKBONES) for c in COMBOS if allowed(b, COMBOS[c])
+         and (c != "ed/g4+se" or b.startswith("cifar"))]
 
 
 def test_the_combination_matrix_is_what_we_think():
-    assert ("mobilenet_v2", "ed") not in CASES and ("mobilenet_v2", "ce") in CASES
-    assert all((b, c) in CASES for b in ("resnet50", "resnext50_32x4d") for c in COMBOS)
-    assert ("cifar_resnet20", "ed") not in CASES and ("cifar_resnet20", "ed/g4") in CASES
+    assert ("mobilenet_v2", "ed+se") not in CASES and ("mobilenet_v2", "ce+se+we") in CASES
+    assert ("resnet50", "ed+se") in CASES and ("resnext101_32x8d", "ed+se") in CASES
+    assert ("cifar_resnet20", "ed+se") not in CASES and ("cifar_resnet20", "ed/g4+se") in CASES
+    assert {b for b, _ in CASES} == set(BACKBONES)
 
 
 @pytest.mark.parametrize("backbone,combo", CASES)
 def test_every_allowed_combination_builds_runs_and_trains(backbone, combo):
     torch.manual_seed(0)
     model = build_model(dict({"backbone": backbone, "num_classes": 5}, **COMBOS[combo]))
-    size = 16 if backbone.startswith("cifar") else 48
+    size = 16 if backbone.startswith("cifar") else 32
     x = torch.randn(2, 3, size, size)
     out = model(x)
     assert out.shape == (2, 5) and torch.isfinite(out).all()
