@@ -1,0 +1,119 @@
+"""Samplers and the DataLoader.
+
+Training: :class:`TrainSampler` shuffles with a generator seeded from (seed, epoch) —
+the same permutation on every rank — pads like ``DistributedSampler`` so every rank
+gets the same number of samples (no DDP hang), and yields ``(index, augmentation
+seed)`` keys. A sample's augmentation therefore depends only on the run seed, the
+epoch and its position, not on the worker or rank that loads it: runs are
+reproducible from the seed whatever the worker count, workers and ranks draw
+different augmentations, and a resumed epoch replays exactly.
+
+Evaluation: :class:`ShardSampler` gives rank r the indices r, r + world, ... with no
+padding, so the ranks' counts sum to ``len(dataset)`` and each image is counted
+exactly once (ranks may differ by one sample: reduce sums after the loop, do not
+assume equal batch counts inside it).
+"""
+import math
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+from engine.fields import ConfigError
+
+from .errors import DataError
+from .schema import resolve
+
+
+def _epoch_generator(seed, epoch):
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class TrainSampler(Sampler):
+    """Per-epoch shuffle, sharded over ranks (padded by repetition), yielding (index, augmentation seed)."""
+
+    def __init__(self, size, rank=0, world_size=1, seed=0):
+        self.size, self.rank, self.world_size, self.seed, self.epoch = size, rank, world_size, seed, 0
+        self.num_samples = math.ceil(size / world_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        g = _epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(self.size, generator=g)
+        seeds = torch.randint(0, 2 ** 32, (self.size,), generator=g)   # CPU generators use 32 seed bits
+        total = self.num_samples * self.world_size
+        if total > self.size:                      # DistributedSampler's padding: repeat from the start
+            reps = math.ceil((total - self.size) / self.size)
+            order = torch.cat([order] + [order] * reps)[:total]
+            seeds = torch.cat([seeds] + [seeds] * reps)[:total]
+        mine = slice(self.rank, total, self.world_size)
+        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
+
+
+class ShardSampler(Sampler):
+    """Indices rank, rank + world_size, ... in order; no padding, so every sample is seen exactly once."""
+
+    def __init__(self, size, rank=0, world_size=1):
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def set_epoch(self, epoch):
+        """Evaluation order does not change between epochs."""
+
+    def __len__(self):
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.world_size))
+
+
+def seed_worker(worker_id):
+    """Seed python's and numpy's RNGs in a worker from its torch seed (base seed + worker id)."""
+    seed = torch.initial_seed() % 2 ** 32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_loader(dataset, data_cfg, split, batch_size, distributed=False, seed=0):
+    """DataLoader over ``dataset`` for this process (``batch_size`` is per rank).
+
+    Batches are ``(uint8 N x 3 x H x W, int64 labels)``, pinned when CUDA is present:
+    copy them with ``.to(device, non_blocking=True)`` and apply
+    ``build_device_transform``. Call ``loader.sampler.set_epoch(epoch)`` before each
+    epoch. Training drops the last incomplete batch; evaluation keeps every sample.
+    """
+    cfg = resolve(data_cfg)
+    seed = 0 if seed is None else int(seed)
+    if split not in ("train", "val"):
+        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"the per-rank batch size must be a positive integer, got {batch_size!r}")
+    rank, world = 0, 1
+    if distributed:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("build_loader(distributed=True) needs torch.distributed initialised first "
+                              "(launch with torchrun / train.sh)")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    train = split == "train"
+    if train:
+        sampler = TrainSampler(len(dataset), rank, world, seed)
+        if len(sampler) < batch_size:
+            raise DataError(f"the training set has {len(dataset)} images, {len(sampler)} per rank, fewer than one "
+                            f"batch of {batch_size}: lower train.batch_size or use more data")
+    else:
+        sampler = ShardSampler(len(dataset), rank, world)
+    workers = cfg["workers"]
+    kwargs = {}
+    if workers > 0:
+        kwargs = dict(prefetch_factor=cfg["prefetch_factor"], persistent_workers=cfg["persistent_workers"])
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=cfg["pin_memory"] and torch.cuda.is_available(), drop_last=train,
+                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed * 1000 + rank),
+                      **kwargs)

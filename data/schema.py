@@ -1,0 +1,172 @@
+"""The ``data:`` section of the config: every key, its default and what it means.
+
+Keys whose default is ``null`` take their value from the dataset's preset (see
+``data/recipe.py``): an ImageNet dataset gets the torchvision/CENet recipe
+(RandomResizedCrop 224 + flip for training, resize 256 + center crop 224 for
+evaluation, ImageNet mean/std), CIFAR gets pad-4 crops + flip, ``digits`` gets
+small shifts and no flip. The batch size is not here: the engine passes it.
+"""
+import difflib
+from collections.abc import Mapping
+
+from engine.fields import ConfigError, Field
+
+DATASETS = ("imagenet_folder", "imagenet_list", "cifar10", "cifar100", "digits", "synthetic")
+NORMALIZE = ("auto", "imagenet", "cifar10", "cifar100", "digits", "half", "none")
+AUGMENT_PRESETS = ("auto", "imagenet", "cenet", "cifar", "digits", "none")
+CROPS = ("random_resized", "pad", "none")
+
+
+def _pair(value, path):
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and 0 < value[0] <= value[1]):
+        raise ConfigError(f"{path} must be a list [low, high] with 0 < low <= high, got {value!r}")
+
+
+def _triple(value, path):
+    if not (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{path} must be a list of 3 numbers (one per RGB channel), got {value!r}")
+
+
+def _positive_triple(value, path):
+    _triple(value, path)
+    if min(value) <= 0:
+        raise ConfigError(f"{path} must be positive, got {value!r}")
+
+
+def _jitter(value, path):
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0) or (
+        isinstance(value, (list, tuple)) and len(value) in (3, 4)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value))
+    if not ok:
+        raise ConfigError(f"{path} must be a number >= 0 or [brightness, contrast, saturation(, hue)], got {value!r}")
+    hue = value[3] if isinstance(value, (list, tuple)) and len(value) == 4 else 0
+    if hue > 0.5:
+        raise ConfigError(f"{path}: hue jitter must be <= 0.5, got {hue}")
+
+
+def _min(low):
+    def check(value, path):
+        if value < low:
+            raise ConfigError(f"{path} must be >= {low}, got {value}")
+    return check
+
+
+def _prob(value, path):
+    if not 0 <= value <= 1:
+        raise ConfigError(f"{path} is a probability in [0, 1], got {value}")
+
+
+DATA_SCHEMA = {
+    "dataset": Field("digits", "which dataset: imagenet_folder (class-folder tree, torchvision ImageFolder), "
+                     "imagenet_list (root + 'relative/path label' list files, CENet/ED-Net format), "
+                     "cifar10/cifar100 (torchvision's python files on disk), digits (embedded, scikit-learn), "
+                     "synthetic (random images for benchmarks)", choices=DATASETS),
+    "root": Field(None, "dataset folder: ImageNet: holds train_dir/val_dir (and the list files); "
+                  "CIFAR: holds cifar-10-batches-py/ or cifar-100-python/; unused by digits and synthetic",
+                  type=(str,), nullable=True),
+    "train_dir": Field("train", "training images, relative to root: the class folders (imagenet_folder) or "
+                       "the folder list paths are relative to (imagenet_list)"),
+    "val_dir": Field("val", "validation images, relative to root (same meaning as train_dir)"),
+    "train_list": Field("train.txt", "imagenet_list: training list file, relative to root unless absolute"),
+    "val_list": Field("val.txt", "imagenet_list: validation list file, relative to root unless absolute"),
+    "num_classes": Field(None, "expected number of classes; null = the model's num_classes (passed by the engine); "
+                         "list labels must lie in [0, num_classes), folder trees must have that many classes",
+                         type=(int,), nullable=True, check=_min(1)),
+    "input_size": Field(None, "side of the square images fed to the model; null = 224 for ImageNet and synthetic, "
+                        "32 for CIFAR and digits (synthetic images are generated at this size)",
+                        type=(int,), nullable=True, check=_min(1)),
+    "eval_resize": Field(None, "evaluation: resize the shorter side to this, then center-crop input_size "
+                         "(single-crop protocol); null = input_size / 0.875 (256 for 224) for ImageNet, "
+                         "no resize for the others", type=(int,), nullable=True, check=_min(1)),
+    "normalize": Field("auto", "mean/std preset applied on the device; auto = the dataset's own", choices=NORMALIZE),
+    "mean": Field(None, "per-channel RGB mean in [0, 1], overrides the normalize preset", type=(list,),
+                  nullable=True, check=_triple),
+    "std": Field(None, "per-channel RGB std in [0, 1], overrides the normalize preset", type=(list,),
+                 nullable=True, check=_positive_triple),
+    "channels_last": Field(False, "the device transform returns channels_last batches"),
+    "fast_decode": Field(True, "training on image files: sample the crop on full-size coordinates, decode at a "
+                         "reduced JPEG (DCT) scale when the crop allows, decode with torchvision.io and resize on "
+                         "uint8 tensors; false = PIL decode + resize exactly like torchvision's reference "
+                         "(same crop distribution either way)"),
+    "augment": {
+        "preset": Field("auto", "training recipe: imagenet (RandomResizedCrop + flip), cenet (imagenet + PCA "
+                        "lighting 0.1 as CENet), cifar (pad-4 crop + flip), digits (small shifts, no flip), none; "
+                        "auto = by dataset; the keys below override single parts", choices=AUGMENT_PRESETS),
+        "crop": Field(None, "random_resized (RandomResizedCrop), pad (zero-pad then random crop), none "
+                      "(eval-style resize/center crop)", type=(str,), nullable=True, choices=CROPS),
+        "scale": Field(None, "random_resized: range of the crop's area fraction (torchvision: [0.08, 1.0])",
+                       type=(list,), nullable=True, check=_pair),
+        "ratio": Field(None, "random_resized: range of the crop's aspect ratio (torchvision: [0.75, 1.333])",
+                       type=(list,), nullable=True, check=_pair),
+        "padding": Field(None, "pad crop: pixels of zero padding on each side (CIFAR: 4)", type=(int,),
+                         nullable=True, check=_min(0)),
+        "hflip": Field(None, "probability of a horizontal flip", type=(int, float), nullable=True, check=_prob),
+        "color_jitter": Field(None, "torchvision ColorJitter strengths: a number (brightness = contrast = "
+                              "saturation) or [b, c, s(, hue)]; 0 = off", type=(int, float, list),
+                              nullable=True, check=_jitter),
+        "lighting": Field(None, "std of the AlexNet PCA lighting noise, applied on the device (CENet: 0.1); 0 = off",
+                          type=(int, float), nullable=True, check=_min(0)),
+        "lighting_layout": Field(None, "eigenvector layout: cenet (rows of CENet's ColorAugmentation matrix, as "
+                                 "that repository computes it) or alexnet (columns, as fb.resnet.torch)",
+                                 type=(str,), nullable=True, choices=("cenet", "alexnet")),
+    },
+    "workers": Field(4, "DataLoader worker processes per rank (0 = load in the main process)", check=_min(0)),
+    "prefetch_factor": Field(2, "batches each worker loads ahead", check=_min(1)),
+    "pin_memory": Field(True, "page-locked batches for asynchronous host-to-GPU copies (ignored without CUDA)"),
+    "persistent_workers": Field(True, "keep worker processes alive between epochs"),
+    "skip_bad_images": Field(False, "replace an unreadable image by the next readable one and log it (the count "
+                             "is dataset.num_skipped) instead of stopping with an error"),
+    "synthetic": {
+        "train_size": Field(1024, "synthetic: number of training images", check=_min(1)),
+        "val_size": Field(256, "synthetic: number of validation images", check=_min(1)),
+        "num_classes": Field(None, "synthetic: number of classes; null = data.num_classes, else the model's, "
+                             "else 10", type=(int,), nullable=True, check=_min(1)),
+    },
+}
+
+
+def _check_value(field, value, path):
+    if value is None:
+        if field.nullable:
+            return
+        raise ConfigError(f"{path} may not be null; set it to a value like {field.default!r}")
+    types = field.types()
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{path} must be {'/'.join(t.__name__ for t in types)}, got {value!r}")
+    if isinstance(value, tuple) and list in types:
+        value = list(value)
+    if not isinstance(value, types):
+        raise ConfigError(f"{path} must be {'/'.join(t.__name__ for t in types)}, got {value!r}")
+    if field.choices is not None and value not in field.choices:
+        raise ConfigError(f"{path} must be one of {list(field.choices)}, got {value!r}")
+    if field.check is not None:
+        field.check(value, path)
+
+
+def resolve(data_cfg, schema=DATA_SCHEMA, path="data"):
+    """Return a plain nested dict: ``data_cfg`` checked against ``schema`` with the defaults filled in.
+
+    The config loader already does this for whole configs; the data builders call it
+    too so that they accept a partial Mapping (tests, scripts) with the same strictness.
+    """
+    data_cfg = {} if data_cfg is None else data_cfg
+    if not isinstance(data_cfg, Mapping):
+        raise ConfigError(f"{path} must be a mapping of keys, got {type(data_cfg).__name__}")
+    unknown = [k for k in data_cfg if k not in schema]
+    if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), list(schema), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else f"; valid keys: {sorted(schema)}"
+        raise ConfigError(f"unknown key {path}.{unknown[0]}{hint}")
+    out = {}
+    for key, spec in schema.items():
+        sub = f"{path}.{key}"
+        if isinstance(spec, dict):
+            out[key] = resolve(data_cfg.get(key), spec, sub)
+        else:
+            value = data_cfg.get(key, spec.default)
+            _check_value(spec, value, sub)
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
