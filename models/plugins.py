@@ -76,11 +76,18 @@ def attach(host, specs, stage, channels, position, prefix=""):
 
 
 def attach_stem(host, specs, channels):
-    """Blocks with ``stem: true`` that follow the stem norm; named ``stem_<type>``."""
+    """Blocks with ``stem: true`` that follow the stem norm; named ``stem_<type>``.
+
+    A block class may adapt its options to the stem with a ``stem_options(**options)``
+    classmethod (CE uses one group of ``stem_group_channels`` there, as CENet does).
+    """
     names = []
     for spec in specs:
         if spec.stem:
-            module = spec.cls(channels, **spec.options)
+            options = spec.options
+            if hasattr(spec.cls, "stem_options"):
+                options = spec.cls.stem_options(**options)
+            module = spec.cls(channels, **options)
             module._blocklab_plugin = True
             name = unique_name(host, "stem_" + spec.type)
             host.add_module(name, module)

@@ -1,0 +1,150 @@
+"""CE block speed: blocklab's ``blocks.ce.CE`` against the original CENet module, same inputs.
+
+    python -m benchmarks.bench_ce --original /path/to/CENet [--batch 8] [--repeat 5] [--out FILE]
+
+The original (Tangshitao/CENet ``devkit/ops/CE_module.py``) is read from a checkout given by
+``--original`` or ``$CENET_ROOT``; nothing of it is stored here. Its source is patched in memory
+only as far as current PyTorch needs (the expanded ``running_wm`` buffer is cloned so its
+in-place update works; a debug ``print`` is dropped) and both modules get the same weights.
+Timed: one training-mode forward + backward (statistics, running-buffer updates, gradients)
+and one eval-mode forward, at the ResNet-50 shapes where the CENet ResNet-50 places CE.
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from blocks.ce import CE  # noqa: E402
+
+# (name, channels, H=W, group size): the stem CE and the first CE of stages 1-3 of CE-ResNet-50.
+SHAPES = (("stem", 64, 112, 64), ("stage1", 256, 56, 16), ("stage2", 512, 28, 16), ("stage3", 1024, 14, 16))
+PATCHES = (
+    ("torch.eye(num_channels).expand(num_groups, num_channels, num_channels))",
+     "torch.eye(num_channels).expand(num_groups, num_channels, num_channels).clone())"),
+    ("        print(self.num_channels)\n", ""),
+)
+
+
+def load_original(root):
+    """The original ``CE`` class from a CENet checkout, with the runtime patch applied in memory."""
+    path = os.path.join(root, "devkit", "ops", "CE_module.py")
+    with open(path) as f:
+        source = f.read()
+    for old, new in PATCHES:
+        if old not in source:
+            raise SystemExit(f"{path}: expected text not found ({old.strip()!r}); is this the CENet repository?")
+        source = source.replace(old, new)
+    module = types.ModuleType("cenet_ce_module")
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module.CE
+
+
+def copy_weights(orig, ours):
+    from models.converters import cenet
+    sd = cenet.convert({f"layer1.0.ce.{k}": v for k, v in orig.state_dict().items()})
+    ours.load_state_dict({k[len("layer1.0.ce."):]: v for k, v in sd.items()})
+
+
+def steps(module, x, grad):
+    """Callables for one training step (forward + backward) and one eval forward of ``module``."""
+    xr = x.detach().clone().requires_grad_()
+
+    def train_step():
+        module.train()
+        xr.grad = None
+        module(xr).backward(grad)
+
+    def eval_step():
+        module.eval()
+        with torch.no_grad():
+            module(x)
+    return train_step, eval_step
+
+
+def timeit(fns, repeat, warmup=2):
+    """Median ms of each callable; the callables alternate so load changes hit all of them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(ts) for ts in times]
+
+
+def table(orig_cls, batch, repeat):
+    """Markdown rows, one per shape, for the current thread count."""
+    rows = []
+    for name, c, hw, g in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(batch, c, hw, hw)
+        grad = torch.randn_like(x)
+        ours = CE(c, group_channels=g)
+        if orig_cls is not None:
+            orig = orig_cls(c, num_channels=g)
+            copy_weights(orig, ours)
+            (ours_train, ours_eval), (orig_train, orig_eval) = steps(ours, x, grad), steps(orig, x, grad)
+            t_ours_train, t_orig_train = timeit([ours_train, orig_train], repeat)
+            t_ours_eval, t_orig_eval = timeit([ours_eval, orig_eval], repeat)
+            cells = [f"{t_ours_train:.1f}", f"{t_orig_train:.1f}", f"{t_orig_train / t_ours_train:.2f}x",
+                     f"{t_ours_eval:.1f}", f"{t_orig_eval:.1f}", f"{t_orig_eval / t_ours_eval:.2f}x"]
+        else:
+            t_ours_train, t_ours_eval = timeit(list(steps(ours, x, grad)), repeat)
+            cells = [f"{t_ours_train:.1f}", "-", "-", f"{t_ours_eval:.1f}", "-", "-"]
+        rows.append(f"| {name}: {c}x{hw}x{hw}, G={g} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--original", default=os.environ.get("CENET_ROOT"),
+                    help="CENet checkout (default: $CENET_ROOT)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                    help="torch thread counts, one table each (default: as the machine has)")
+    ap.add_argument("--out", default=None, help="also write the tables here (markdown)")
+    args = ap.parse_args(argv)
+    orig_cls = None
+    if args.original:
+        import warnings
+        warnings.filterwarnings("ignore", message=".*baddbmm.*deprecated", category=UserWarning)
+        orig_cls = load_original(args.original)
+    else:
+        print("original CENet not given: timing ours only (git clone https://github.com/Tangshitao/CENet "
+              "/tmp/CENet, then pass --original /tmp/CENet or set CENET_ROOT)")
+    head = (f"| shape (N={args.batch}) | ours train f+b ms | original train f+b ms | speed-up | "
+            "ours eval ms | original eval ms | speed-up |\n|---|---|---|---|---|---|---|")
+    sections = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        title = f"{threads} thread(s), load average {load:.1f} on {os.cpu_count()} cores at start"
+        print(f"\n{title}\n{head}")
+        sections.append(f"### {title}\n\n{head}\n" + "\n".join(table(orig_cls, args.batch, args.repeat)) + "\n")
+    if args.out:
+        cmd = "python -m benchmarks.bench_ce " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.out, "w") as f:
+            f.write("# CE block, CPU: blocklab vs the original CENet module\n\n")
+            f.write(f"Command: `{cmd}`\n\n")
+            f.write(f"torch {torch.__version__}, {platform.processor() or platform.machine()}; median of "
+                    f"{args.repeat} runs after 2 warm-up, ours and the original alternating; train = forward + "
+                    "backward in training mode (batch statistics, running-buffer updates, input and parameter "
+                    "gradients), eval = no-grad forward with the running statistics. Each table notes the "
+                    "machine's load average: on a shared machine a second thread often waits for a core, "
+                    "which costs every parallel op, so the 1-thread table is the steadier comparison.\n\n")
+            f.write("\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()

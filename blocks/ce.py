@@ -1,0 +1,272 @@
+"""Channel Equilibrium (CE) block.
+
+Shao, Tang, Pan, Tan, Wang, Luo, "Channel Equilibrium Networks for Learning Deep
+Representation", ICML 2020 (arXiv:2003.00214), section "Channel Equilibrium (CE) Block";
+matches the released code, Tangshitao/CENet ``devkit/ops/CE_module.py`` (classes ``CE``
+and ``AdaptiveReweight``) and its use in ``imagenet/models/resnet_v1_ce.py``.
+
+For an input X of shape (N, C, H, W), CE returns
+
+    CE(X) = sigmoid(theta) * BD(X) + (1 - sigmoid(theta)) * IR(X),   theta initialised to 0.
+
+BD, batch decorrelation. Channels are split into g = C / G consecutive groups of G
+channels (G = ``group_channels``, halved until it divides C, e.g. C=24, G=16 -> 8).
+Per group, over the m = N*H*W positions of the batch (training):
+
+    Sigma   = eps * I + Xc Xc^T / m           (Xc = X minus its batch mean, per channel)
+    Sigma_N = Sigma / tr(Sigma)
+    P_0 = I,  P_{k+1} = 1.5 P_k - 0.5 P_k^3 Sigma_N   for k < T (T = ``newton_iters``)
+    BD(X)   = P_T X
+
+Like the original, (i) BD multiplies the *uncentred* X (the batch mean only enters Sigma),
+(ii) P_T approximates Sigma_N^{-1/2}, not Sigma^{-1/2} (no sqrt(tr) rescaling as in
+IterNorm), (iii) with ``pooling=True`` Sigma and the mean come from a 2x2/stride-2 max-pooled
+X but Sigma is still divided by the *unpooled* m. In eval, P_T is replaced by the running
+whitening matrix ``running_wm`` (momentum average of P_T, identity at start). The running
+mean ``running_mean`` is tracked as in the original but, as there, never used in forward.
+
+IR, instance reweighting (``AdaptiveReweight`` in the code; "adaptive instance inverse" in the
+first version of the paper). Per sample n and channel c, v_nc is the unbiased variance of X over
+H*W, then
+
+    y_n   = sigmoid(FC2(ReLU(LayerNorm(FC1(v_n)))))   FC1: C -> C/r, FC2: C/r -> C, no biases, r=4
+    s     = sqrt(mean_{n,c} v_nc)                    (a scalar; running value in eval)
+    IR(X) = (y_nc / s) * X_nc                        (uncentred X again)
+
+Both branches are linear in X per sample, so the block applies one per-sample block-diagonal
+matrix W_n = sigmoid(theta) P_T + (1 - sigmoid(theta)) diag(y_n / s) to each group with one
+batched matmul (no transposed copies of the activation, no loop over groups). The statistics
+come from per-sample Gram matrices and sums of X minus its per-sample channel mean (a constant
+shift: the covariance and variances do not depend on it, so gradients stay exact), which keeps
+float32 accurate for channels whose mean is large against their spread. The gradient flows, as
+in the original, through Sigma, the Newton steps, the batch mean and s.
+
+Where this code deliberately differs from the original:
+* the running buffers are ordinary (not expanded) tensors, so in-place updates work on current
+  PyTorch; updates happen under ``no_grad``;
+* ``running_scale`` starts at 1, not 0, so eval before any training step gives finite output
+  (the original divides by zero); after k steps the two differ by 0.9^k of their gap;
+* statistics, LayerNorm/FC of IR and the Newton iteration run in float32 whatever the input
+  dtype or autocast state; the output matmul runs in (and returns) the input dtype;
+* H*W == 1 uses the biased variance (the original's unbiased one is NaN there) and s is
+  floored at ``eps`` (the original divides by zero when no sample varies over H*W);
+* ``reduction`` is exposed (the original hard-codes 4) and FC1 has at least one output;
+* ``momentum`` drives both running averages (the original's ``AdaptiveReweight`` keeps 0.1
+  whatever CE's momentum; the defaults agree);
+* ``group_channels`` defaults to 16, what every block of resnet_v1_ce.py passes (the
+  class's own default, 64, is used there only for the stem: ``stem_group_channels``);
+* the original's unused ``num_groups``/``dim`` arguments are not offered.
+
+Distributed training: the original computes all statistics per GPU (no all-reduce; rank 0's
+running buffers are what it saves), which is our default (``sync_stats=False``; DDP's default
+buffer broadcast keeps rank 0's buffers too). ``sync_stats=True`` all-reduces the channel
+sums, variance sum and counts, then the scatter matrices about the global mean, across ranks
+when torch.distributed is initialised, differentiably (like SyncBatchNorm): every rank then
+uses the statistics of the global batch.
+
+Placement (resnet_v1_ce.py): after bn3 of every bottleneck of stages 1-3 with G=16, and after
+the stem BN with G=64 (one group); ``stem_group_channels`` is the group size the backbone uses
+for the stem plug-in (see :meth:`CE.stem_options`).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import register_block
+
+
+def newton_isqrt(sigma_n, iters):
+    """Newton-Schulz iterate P_T ~ sigma_n^{-1/2} from P_0 = I for a batch of trace-1 SPD matrices."""
+    d = sigma_n.shape[-1]
+    eye = torch.eye(d, dtype=sigma_n.dtype, device=sigma_n.device).expand_as(sigma_n)
+    if iters <= 0:
+        return eye.clone()
+    p = 1.5 * eye - 0.5 * sigma_n  # first step from P_0 = I, where P_0^3 = I
+    for _ in range(iters - 1):
+        p = torch.baddbmm(p, torch.bmm(torch.bmm(p, p), p), sigma_n, beta=1.5, alpha=-0.5)
+    return p
+
+
+def _group_size(channels, group_channels):
+    d = max(int(group_channels), 1)
+    while channels % d:
+        d //= 2
+    return d
+
+
+def _all_reduce_sum(t):
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+        return all_reduce(t)
+    return t
+
+
+class _CentredMoments(torch.autograd.Function):
+    """Gram matrices and row sums of ``x - shift`` for x (B, d, M) and a constant shift (B, d, 1).
+
+    The centred copy lives only inside forward (float32 sums of uncentred data would lose the
+    covariance of channels whose mean is large against their spread); backward is one baddbmm
+    on x: d/dx = (dG + dG^T)(x - shift) + dsum 1^T.
+    """
+
+    @staticmethod
+    def forward(ctx, x, shift):
+        xc = torch.sub(x, shift)  # in shift's dtype: float32 statistics for a half x
+        ctx.save_for_backward(x, shift)
+        return torch.bmm(xc, xc.transpose(1, 2)), xc.sum(2)
+
+    @staticmethod
+    def backward(ctx, dgram, dsum):
+        x, shift = ctx.saved_tensors
+        b, d, _ = x.shape
+        dgram = shift.new_zeros(b, d, d) if dgram is None else dgram
+        dsum = shift.new_zeros(b, d) if dsum is None else dsum
+        a = dgram + dgram.transpose(1, 2)
+        bias = dsum.unsqueeze(2) - torch.bmm(a, shift)
+        return torch.baddbmm(bias, a, x.to(a.dtype)).to(x.dtype), None
+
+
+def _sample_means(x, dtype):
+    """Row means (B, d, 1) of x (B, d, M) in ``dtype``; only their rough value matters (see _CentredMoments)."""
+    if x.dtype == torch.float16:  # a float16 sum can overflow
+        return x.mean(2, keepdim=True).to(dtype)
+    return x.sum(2, keepdim=True).to(dtype) / x.shape[2]  # bf16 sums accumulate in float32 and are fast
+
+
+def _variance(total, sumsq, count):
+    """Variance from (centred) sums: unbiased like torch.var, biased when count == 1; never negative."""
+    return ((sumsq - total * total / count) / max(count - 1, 1)).clamp_min(0)
+
+
+class InstanceReweight(nn.Module):
+    """IR branch gains y_n / s from per-sample channel variances (``AdaptiveReweight`` in CENet)."""
+
+    def __init__(self, channels, reduction=4, momentum=0.1):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.fc1 = nn.Linear(channels, hidden, bias=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, channels, bias=False)
+        self.momentum = momentum
+        self.register_buffer("running_scale", torch.ones(1))
+
+    def gains(self, var):
+        """(N, C) variances -> (N, C) channel gains y (before the division by s)."""
+        return torch.sigmoid(self.fc2(F.relu(self.norm(self.fc1(var)))))
+
+
+@register_block("ce", positions=("after_norm",), stem=True)
+class CE(nn.Module):
+    """Channel Equilibrium: sigmoid(theta) * BD(x) + (1 - sigmoid(theta)) * IR(x) (see module doc).
+
+    channels: C. group_channels: BD group size G (halved until it divides C).
+    newton_iters: T. pooling: estimate BD statistics on a 2x2 max-pooled input.
+    momentum / eps: running-average momentum and the covariance ridge (original: 0.1 / 1e-5).
+    reduction: IR bottleneck ratio. sync_stats: all-reduce statistics across ranks.
+    stem_group_channels: G used when the block follows the stem norm (original: 64).
+    """
+
+    def __init__(self, channels, group_channels=16, newton_iters=3, pooling=False, momentum=0.1,
+                 eps=1e-5, reduction=4, sync_stats=False, stem_group_channels=64):
+        super().__init__()
+        self.channels = channels
+        self.group_channels = _group_size(channels, group_channels)
+        self.num_groups = channels // self.group_channels
+        self.newton_iters = newton_iters
+        self.pooling = pooling
+        self.momentum = momentum
+        self.eps = eps
+        self.sync_stats = sync_stats
+        self.stem_group_channels = stem_group_channels
+        g, d = self.num_groups, self.group_channels
+        self.ir = InstanceReweight(channels, reduction, momentum)
+        self.theta = nn.Parameter(torch.zeros(1))
+        self.register_buffer("running_mean", torch.zeros(g, d))
+        self.register_buffer("running_wm", torch.eye(d).repeat(g, 1, 1))
+
+    @classmethod
+    def stem_options(cls, **options):
+        """Options for the instance after the stem norm: G = ``stem_group_channels``."""
+        options = dict(options)
+        options["group_channels"] = options.get("stem_group_channels", 64)
+        return options
+
+    def reset_running_stats(self):
+        self.running_mean.zero_()
+        self.running_wm.copy_(torch.eye(self.group_channels).expand_as(self.running_wm))
+        self.ir.running_scale.fill_(1.0)
+
+    def extra_repr(self):
+        return (f"{self.channels}, groups={self.num_groups}x{self.group_channels}, "
+                f"newton_iters={self.newton_iters}, pooling={self.pooling}, momentum={self.momentum}, "
+                f"eps={self.eps}, sync_stats={self.sync_stats}")
+
+    def _batch_stats(self, x, gram_c, sums_c, shift, var):
+        """Whitening matrix P_T (g, d, d) and IR scale s of the batch; updates the running buffers.
+
+        gram_c / sums_c: per-sample Gram matrices (N*g, d, d) and channel sums (N*g, d) of the
+        BD source (x, or x max-pooled) minus the constant per-sample shift (N*g, d, 1);
+        var: (N*g, d) per-sample variances of x.
+        """
+        n, _, h, w = x.shape
+        g, d = self.num_groups, self.group_channels
+        m, nvar = n * h * w, n * self.channels
+        hw_src = (h // 2) * (w // 2) if self.pooling else h * w
+        mp = n * hw_src
+        sums_c, shift = sums_c.view(n, g, d), shift.view(n, g, d)
+        total = (sums_c + hw_src * shift).sum(0)
+        var_sum = var.sum().view(1)
+        if self.sync_stats:  # the scatter below needs the global mean: reduce sums first
+            counts = total.new_tensor([m, mp, nvar])
+            flat = _all_reduce_sum(torch.cat([total.flatten(), var_sum, counts]))
+            total, var_sum, counts = flat.split([g * d, 1, 3])
+            total, (m, mp, nvar) = total.view(g, d), counts.unbind()
+        mean = total / mp
+        # scatter about the batch mean = sum_n [exactly centred per-sample scatter + u_n u_n^T / hw],
+        # u_n = sum over H*W of (x_n - mean) = sums_c + hw * (shift - mean): one baddbmm for both terms
+        u = sums_c + hw_src * (shift - mean)
+        left = torch.cat([u, sums_c]).permute(1, 2, 0)          # (g, d, 2n)
+        right = torch.cat([u, -sums_c]).permute(1, 0, 2)        # (g, 2n, d)
+        scatter = torch.baddbmm(gram_c.view(n, g, d, d).sum(0), left, right, alpha=1.0 / hw_src)
+        if self.sync_stats:
+            scatter = _all_reduce_sum(scatter)
+        eye = torch.eye(d, dtype=scatter.dtype, device=scatter.device)
+        sigma = self.eps * eye + scatter / m
+        trace = sigma.diagonal(dim1=1, dim2=2).sum(1).view(g, 1, 1)
+        wm = newton_isqrt(sigma / trace, self.newton_iters)
+        scale = (var_sum / nvar).sqrt().clamp_min(self.eps)  # > 0 even when every H*W is 1
+        with torch.no_grad():
+            for buf, val, mom in ((self.running_mean, mean, self.momentum), (self.running_wm, wm, self.momentum),
+                                  (self.ir.running_scale, scale, self.ir.momentum)):
+                buf.lerp_(val.detach().to(buf.dtype), mom)
+        return wm, scale
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        g, d, hw = self.num_groups, self.group_channels, h * w
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        xg = x.reshape(n * g, d, hw)  # a view for contiguous NCHW; one copy otherwise
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            sdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # statistics dtype
+            shift = _sample_means(xg.detach(), sdt)  # constant shifts: the statistics do not depend on them
+            if self.training:
+                gram_c, sums_c = _CentredMoments.apply(xg, shift)
+                var = _variance(sums_c, gram_c.diagonal(dim1=1, dim2=2), hw)
+                if self.pooling:
+                    xp = F.max_pool2d(x, 2, 2).reshape(n * g, d, -1)
+                    shift = _sample_means(xp.detach(), sdt)
+                    gram_c, sums_c = _CentredMoments.apply(xp, shift)
+                wm, scale = self._batch_stats(x, gram_c, sums_c, shift, var)
+            else:
+                var = torch.linalg.vector_norm(torch.sub(xg, shift), dim=2).square() / max(hw - 1, 1)
+                wm, scale = self.running_wm.to(sdt), self.ir.running_scale.to(sdt)
+            y = self.ir.gains(var.view(n, c).to(self.ir.fc1.weight.dtype)).to(sdt)
+            a = torch.sigmoid(self.theta.to(sdt))
+            gain = ((1 - a) * y / scale).view(n, g, d)
+            mix = (a * wm).expand(n, g, d, d).clone()  # (n, g, d, d): W_n per group
+            mix.diagonal(dim1=2, dim2=3).add_(gain)
+            out = torch.bmm(mix.view(n * g, d, d).to(x.dtype), xg).view(n, c, h, w)
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
