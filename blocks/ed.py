@@ -33,12 +33,18 @@ derived here; the derivation and GFLOPs are in ``docs/ed_variants.md``):
   conv2 in/out, conv3 in); the ED path keeps p = C / reduction. ResNet-50:
   widths 64/128/256/512 -> 32/64/128/256; ResNeXt-50: 128/256/512/1024 ->
   64/128/256/512.
-* ``variant='A'`` -- "remove a portion of channels of the transform branches"
-  to bring the FLOPs back to the baseline's: the mid width is cut by 1/16 and
-  rounded to a multiple of 32 (the ResNeXt cardinality and the ED groups),
-  the rounding of torchvision's ``_make_divisible``. ResNet: 64/128/256/512 ->
-  64/128/256/480; ResNeXt-32x4d: 128/256/512/1024 -> 128/256/480/960.
+* ``variant='A'`` -- "remove a portion of channels of the transform branches
+  to make ED-Net have the same/comparable FLOPs as that of the baseline": in
+  every stage the mid width becomes the one at which a block's branch *plus its
+  ED path* costs what the plain branch costs, counted as the README counts
+  (``tools.flops`` convention ``ednet``), rounded to the nearest multiple of 8
+  (ResNet, ungrouped 3x3) or of the cardinality 32 (ResNeXt-32x4d). ResNet:
+  64/128/256/512 -> 56/120/240/480; ResNeXt-32x4d: 128/256/512/1024 ->
+  96/224/416/864. The host is read from ``reduction`` (4: ResNet bottleneck,
+  2: ResNeXt-32x4d, the pairs of the original); other reductions are refused.
 """
+import math
+
 import torch.nn as nn
 
 from .registry import register_block
@@ -52,22 +58,71 @@ def _ed_model(backbone, variant):
                                                "reduction": reduction, "variant": variant}]}
 
 
-# The README's "efficient ED-Nets" table, for ``python -m tools.flops --table``:
-# name: (model section, input size, published params (M), published GFLOPs, source)
-PUBLISHED_GFLOPS = {
-    f"ed_{bb}-{v}": (_ed_model(bb, v), 224, None, g, "ED-Net README")
-    for bb, gflops in (("resnet50", (4.0, 2.1)), ("resnet101", (7.8, 3.9)), ("resnet152", (11.5, 5.6)),
-                       ("resnext50_32x4d", (4.2, 2.9)), ("resnext101_32x4d", (7.9, 5.4)))
-    for v, g in zip("AB", gflops)
+# The README's GFLOPs table ("efficient ED-Nets"), in its own counting (``tools.flops``
+# convention ``ednet``), for ``python -m tools.flops --table``. The full ED models have no
+# README figure (None) and are listed for reference.
+README_GFLOPS = {   # backbone: (plain, full ED, -A, -B)
+    "resnet50": (4.1, None, 4.0, 2.1),
+    "resnet101": (7.9, None, 7.8, 3.9),
+    "resnet152": (11.7, None, 11.5, 5.6),
+    "resnext50_32x4d": (4.2, None, 4.2, 2.9),
+    "resnext101_32x4d": (8.0, None, 7.9, 5.4),
 }
 
 
-def _make_divisible(value, divisor):
-    """Nearest multiple of ``divisor`` (ties up), never below 90% of ``value`` nor below ``divisor``."""
-    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    if new < 0.9 * value:
-        new += divisor
-    return new
+def _published_rows():
+    """name: (model section, input size, published params (M), published GFLOPs, source)."""
+    rows = {}
+    for backbone, figures in README_GFLOPS.items():
+        for variant, gflops in zip(("plain", None, "A", "B"), figures):
+            name = {"plain": backbone, None: f"ed_{backbone}"}.get(variant, f"ed_{backbone}-{variant}")
+            model = {"backbone": backbone} if variant == "plain" else _ed_model(backbone, variant)
+            rows[name] = (model, 224, None, gflops, "ED-Net README")
+    return rows
+
+
+PUBLISHED_GFLOPS = _published_rows()
+
+# -A hosts, keyed by the ED ``reduction`` the original pairs them with (p = the host's 3x3 width):
+# reduction: (C / 3x3 width, cardinality of the host's 3x3 conv, rounding unit of the -A width)
+A_HOSTS = {4: (4, 1, 8),      # ED-ResNet: bottleneck C = 4 w, ungrouped 3x3
+           2: (2, 32, 32)}    # ED-ResNeXt-32x4d: C = 2 w, 32-group 3x3
+
+
+def a_costs(width, reduction=4, groups=32):
+    """(branch(w) -> cost, ED path cost) per output pixel of a repeated bottleneck of 3x3 width
+    ``width`` on the -A host of ``reduction``, in the ED README's counting (see ``a_width``)."""
+    if reduction not in A_HOSTS:
+        raise ValueError(f"ed variant A: no -A rule for reduction={reduction}; it is defined for the "
+                         f"ED-Net hosts: reduction=4 (ResNet bottleneck) or 2 (ResNeXt-32x4d)")
+    ratio, cardinality, _unit = A_HOSTS[reduction]
+    channels, hidden = ratio * width, width
+
+    def branch(w):
+        return 2 * channels * w + 9 * w * w / cardinality + 4 * (2 * w + channels)
+
+    ed = 9 * channels * hidden / (4 * groups) + 9 * channels * hidden / groups + hidden + 4 * channels
+    return branch, ed
+
+
+def a_width(width, reduction=4, groups=32):
+    """Real-valued -A mid width: a repeated block's branch + ED path cost what its plain branch did.
+
+    Costs per output pixel in the ED README's counting (``tools.flops`` convention ``ednet``:
+    a conv or transposed conv costs C_in/groups*k*k per output element, a BatchNorm 4 per
+    element), for a bottleneck with output C, 3x3 width w and host cardinality G:
+        branch(w) = 2 C w + 9 w^2 / G + 4 (2 w + C)       conv1 + conv3, conv2, bn1..bn3
+        ed        = 9 C p / (4 g) + 9 C p / g + p + 4 C    encoder (1/4 area), decoder, BNs
+    with p = C / reduction (the plain 3x3 width) and g the ED groups;
+    -A solves branch(w') = branch(w) - ed for w'.
+    """
+    branch, ed = a_costs(width, reduction, groups)
+    channels, cardinality = A_HOSTS[reduction][0] * width, A_HOSTS[reduction][1]
+    a, b, c = 9 / cardinality, 2 * channels + 8, 4 * channels - (branch(width) - ed)
+    if c >= 0:
+        raise ValueError(f"ed variant A: the ED path (groups={groups}) costs more than a branch of width "
+                         f"{width} can give up; no -A width matches the baseline's FLOPs")
+    return (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
 
 
 @register_block("ed", positions=("parallel",))
@@ -110,8 +165,9 @@ class ED(nn.Module):
     def branch_width(cls, width, stage, groups=32, reduction=4, variant=None):
         """Mid (3x3) width of the host bottleneck for ``variant`` (None: unchanged).
 
-        'B' halves it; 'A' removes 1/16 and rounds to a multiple of 32 (of ``width``'s
-        largest power-of-two divisor up to 32, for narrow hosts).
+        'B' halves it. 'A' takes ``a_width`` (where branch + ED path cost what the plain branch
+        did, in the ED README's counting) to the nearest multiple of 8 (ResNet) or 32
+        (ResNeXt-32x4d), never below that unit nor above ``width``.
         """
         if variant is None:
             return width
@@ -120,10 +176,9 @@ class ED(nn.Module):
                 raise ValueError(f"ed variant B: branch width {width} is odd and cannot be halved")
             return width // 2
         if variant == "A":
-            unit = 32
-            while width % unit:
-                unit //= 2
-            return _make_divisible(width * 15 / 16, unit)
+            unit = A_HOSTS[reduction][2] if reduction in A_HOSTS else 1
+            target = a_width(width, reduction, groups)
+            return min(width, max(unit, int(target / unit + 0.5) * unit))
         raise ValueError(f"ed: unknown variant {variant!r}; valid: None, 'A', 'B'")
 
     def extra_repr(self):

@@ -3,10 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blocks.ed import ED
+from blocks.ed import ED, PUBLISHED_GFLOPS, a_costs, a_width
 from models import build_model
 from models.converters import ednet
 from models.weights import load_weights
+from tools.flops import complexity, ednet_count
 
 EPS, MOMENTUM = 1e-5, 0.1
 
@@ -131,17 +132,38 @@ def test_bad_options_are_refused():
 
 
 # ---------------------------------------------------------------- -A / -B widths
+RESNET_A, RESNEXT_A = [56, 120, 240, 480], [96, 224, 416, 864]
+
+
 def test_branch_widths():
     resnet, resnext = (64, 128, 256, 512), (128, 256, 512, 1024)
     assert [ED.branch_width(w, s + 1) for s, w in enumerate(resnet)] == list(resnet)
     assert [ED.branch_width(w, s + 1, variant="B") for s, w in enumerate(resnet)] == [32, 64, 128, 256]
-    assert [ED.branch_width(w, s + 1, variant="A") for s, w in enumerate(resnet)] == [64, 128, 256, 480]
-    assert [ED.branch_width(w, s + 1, variant="B") for s, w in enumerate(resnext)] == [64, 128, 256, 512]
-    assert [ED.branch_width(w, s + 1, variant="A") for s, w in enumerate(resnext)] == [128, 256, 480, 960]
-    assert all(ED.branch_width(w, 1, variant=v) % 32 == 0 for w in resnext for v in "AB")
+    assert [ED.branch_width(w, s + 1, variant="A") for s, w in enumerate(resnet)] == RESNET_A
+    x_widths = {v: [ED.branch_width(w, s + 1, reduction=2, variant=v) for s, w in enumerate(resnext)] for v in "AB"}
+    assert x_widths == {"A": RESNEXT_A, "B": [64, 128, 256, 512]}
+    # ResNeXt widths stay multiples of the cardinality (= the ED groups), ResNet's of 8
+    assert all(ED.branch_width(w, 1, reduction=2, variant=v) % 32 == 0 for w in resnext for v in "AB")
+    assert all(w % 8 == 0 for w in RESNET_A)
+    with pytest.raises(ValueError, match="reduction=8"):
+        ED.branch_width(256, 1, reduction=8, variant="A")
 
 
-@pytest.mark.parametrize("variant,widths", [("A", [64, 128, 256, 480]), ("B", [32, 64, 128, 256])])
+def test_a_width_balances_the_ed_path_as_counted():
+    """a_costs is the ednet count per pixel of a repeated bottleneck + ED path, and -A balances it."""
+    with torch.device("meta"):
+        for backbone, reduction, width in (("resnet50", 4, 64), ("resnext50_32x4d", 2, 128)):
+            model = build_model({"backbone": backbone, "num_classes": 10,
+                                 "plugins": [{"type": "ed", "position": "parallel", "reduction": reduction}]})
+            block = model.layer1[1]                      # no downsample, all at 56x56
+            x = torch.zeros(1, block.conv1.in_channels, 56, 56)
+            branch, ed = a_costs(width, reduction)
+            assert ednet_count(block, x) == 56 * 56 * (branch(width) + ed)
+            target = a_width(width, reduction)
+            assert branch(target) + ed == pytest.approx(branch(width))
+
+
+@pytest.mark.parametrize("variant,widths", [("A", RESNET_A), ("B", [32, 64, 128, 256])])
 def test_variants_resize_the_host_branch_only(variant, widths):
     with torch.device("meta"):
         model = build_model({"backbone": "resnet50", "num_classes": 10,
@@ -150,6 +172,24 @@ def test_variants_resize_the_host_branch_only(variant, widths):
         block = getattr(model, f"layer{stage}")[1]
         assert block.conv2.weight.shape[:2] == (width, width)
         assert block.ed.hidden == 64 * 2 ** (stage - 1)     # the ED path keeps p = C / 4
+
+
+def test_readme_gflops_table():
+    """Every GFLOPs figure of the ED README (baselines, -A, -B; 15 models) within 5%, in its counting.
+
+    The README's figures are thop-style counts (convention ``ednet``: transposed convs charged per
+    output pixel, BNs 4 per element); see docs/ed_variants.md. Built on the meta device (~10 s).
+    """
+    checked = 0
+    for name, (model_cfg, size, _params, published, _source) in PUBLISHED_GFLOPS.items():
+        if published is None:         # full ED: no README figure
+            continue
+        with torch.device("meta"):
+            model = build_model(dict(model_cfg, num_classes=1000))
+        _, gflops = complexity(model, size, convention="ednet")
+        assert abs(gflops / published - 1) < 0.05, (name, gflops, published)
+        checked += 1
+    assert checked == 15
 
 
 # ---------------------------------------------------------------- ED-Net checkpoints

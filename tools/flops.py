@@ -1,29 +1,144 @@
 """Parameters and GFLOPs of any config at its input size.
 
-    python -m tools.flops configs/imagenet/ce_resnet50.yaml [key=value ...]
-    python -m tools.flops --table          # the README's table vs the published figures
+    python -m tools.flops configs/imagenet/ce_resnet50.yaml [key=value ...] [--convention ednet]
+    python -m tools.flops --table          # the README's tables vs the published figures
 
-GFLOPs are multiply-accumulates (the convention of torchvision's tables and the
-ED README: ResNet-50 = 4.1), counted on what actually runs with
-``torch.utils.flop_counter`` (convs, matmuls, CE's Newton iterations; not
-elementwise ops) for one image in eval mode.
+Two counting conventions, both for one image in eval mode:
+
+``macs`` (default): true multiply-accumulates (the convention of torchvision's
+tables: ResNet-50 = 4.09), counted on what actually runs with
+``torch.utils.flop_counter`` (convs, transposed convs, matmuls, CE's Newton
+iterations; not elementwise ops).
+
+``ednet``: the counting that reproduces the ED-Net README's GFLOPs table, i.e.
+the module-hook rules of thop (Lyken17/pytorch-OpCounter, ``thop.profile``;
+identical to thop 0.1.1 on every model in this repository, see
+``docs/ed_variants.md``), written out here -- thop is not a dependency:
+
+* Conv / ConvTranspose (any dimension): every *output* element costs
+  ``C_in / groups * prod(kernel)``. For a convolution that is its true MACs;
+  for a stride-s transposed convolution it is s^2 times them (4x at stride 2),
+  because the kernel is charged at every output pixel instead of every input pixel;
+* BatchNorm / SyncBatchNorm / InstanceNorm / LayerNorm: 2 per input element,
+  x2 when the norm is affine (so 4 for an ordinary BatchNorm2d);
+* Linear: ``in_features`` per output element;
+* AdaptiveAvgPool: (input/output area ratio + 1) per output element; AvgPool: 1;
+* everything else is free: activations, max pooling, additions, and any
+  computation that does not run inside one of the modules above (functional
+  ``torch.matmul``, ``x.mean``): thop sees modules only. A module counted by a
+  rule is not searched further (thop's rule), a module run twice counts twice.
+
+Use ``ednet`` only to compare with the ED-Net README; every other figure in
+this repository (model zoo, benchmarks) is ``macs``.
 """
 import argparse
 import sys
 
 import torch
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+CONVENTIONS = ("macs", "ednet")
 
-def complexity(model, input_size, in_chans=3):
-    """(parameters, GMACs) of ``model`` on one ``in_chans x input_size x input_size`` image, eval mode."""
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+_AVGPOOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_AVGPOOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _ednet_rule(module):
+    """The ``ednet`` counting rule for ``module`` (fn(module, x, y) -> count), or None (free / look inside)."""
+    if isinstance(module, nn.modules.conv._ConvNd):   # Conv*d and ConvTranspose*d
+        return lambda m, x, y: _numel(y.shape) * (x.shape[1] // m.groups) * _numel(m.kernel_size)
+    if isinstance(module, _NORMS):
+        def norm(m, x, y):
+            affine = getattr(m, "affine", False) or getattr(m, "elementwise_affine", False)
+            return 2 * _numel(x.shape) * (2 if affine else 1)
+        return norm
+    if isinstance(module, nn.Linear):
+        return lambda m, x, y: m.in_features * _numel(y.shape)
+    if isinstance(module, _ADAPTIVE_AVGPOOLS):
+        def adaptive(m, x, y):
+            ratio = _numel(x.shape[2:]) / _numel(y.shape[2:])   # thop: prod(in / out) per axis
+            return int((ratio + 1) * _numel(y.shape))
+        return adaptive
+    if isinstance(module, _AVGPOOLS):
+        return lambda m, x, y: _numel(y.shape)
+    return None
+
+
+def ednet_count(model, x):
+    """Operation count of ``model(x)`` under the ``ednet`` convention (see the module docstring)."""
+    total = [0]
+    handles = []
+
+    def hook_for(rule):
+        def hook(m, inputs, output):
+            xin, yout = _first_tensor(inputs), _first_tensor(output)
+            if xin is not None and yout is not None:
+                total[0] += rule(m, xin, yout)
+        return hook
+
+    def visit(module):
+        rule = _ednet_rule(module)
+        if rule is not None:
+            handles.append(module.register_forward_hook(hook_for(rule)))
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0]
+
+
+def complexity(model, input_size, in_chans=3, convention="macs"):
+    """(parameters, GFLOPs) of ``model`` on one ``in_chans x input_size x input_size`` image, eval mode.
+
+    ``convention='macs'`` (default): true multiply-accumulates (torchvision's convention).
+    ``convention='ednet'``: the ED-Net README's (thop's) counting; see the module docstring.
+    The input is made on the device of the model's first parameter (``meta`` works).
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FLOPs convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
     params = sum(p.numel() for p in model.parameters())
+    first = next(model.parameters(), None)
+    x = torch.zeros(1, in_chans, input_size, input_size, device=first.device if first is not None else "cpu")
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, in_chans, input_size, input_size))
-    model.train(was_training)
-    return params, counter.get_total_flops() / 2e9
+    try:
+        if convention == "macs":
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(x)
+            count = counter.get_total_flops() / 2
+        else:
+            count = ednet_count(model, x)
+    finally:
+        model.train(was_training)
+    return params, count / 1e9
 
 
 # name: (model section, input size, published params (M) or None, published GFLOPs, source)
@@ -40,14 +155,40 @@ PUBLISHED = {
 }
 
 
-def table(rows):
+def _build(model_cfg):
     from models import build_model
-    lines = ["| model | params (M) | published params (M) | GFLOPs | published GFLOPs | source |",
-             "|---|---:|---:|---:|---:|---|"]
+    with torch.device("meta"):   # shapes are all the counters need
+        return build_model(dict(model_cfg, num_classes=1000))
+
+
+def _rel(value, reference):
+    return f"{100 * (value / reference - 1):+.1f}%" if reference else "-"
+
+
+def table(rows):
+    """Markdown table: params and true GMACs (``macs``) against published figures."""
+    lines = ["| model | params (M) | published params (M) | GFLOPs (MACs) | published GFLOPs | diff | source |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for name, (model_cfg, size, pub_params, pub_gflops, source) in rows.items():
-        params, gmacs = complexity(build_model(dict(model_cfg, num_classes=1000)), size)
+        params, gmacs = complexity(_build(model_cfg), size)
         pp = f"{pub_params:.2f}" if pub_params else "-"
-        lines.append(f"| {name} | {params / 1e6:.2f} | {pp} | {gmacs:.2f} | {pub_gflops:.2f} | {source} |")
+        lines.append(f"| {name} | {params / 1e6:.2f} | {pp} | {gmacs:.2f} | {pub_gflops:.2f} | "
+                     f"{_rel(gmacs, pub_gflops)} | {source} |")
+    return "\n".join(lines)
+
+
+def ednet_table(rows):
+    """Markdown table for the ED-Net README's figures: true MACs and the README's (``ednet``) counting."""
+    lines = ["| model | params (M) | GFLOPs (MACs) | GFLOPs (ED README counting) | ED README GFLOPs | "
+             "diff (README counting) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, (model_cfg, size, _pub_params, pub_gflops, _source) in rows.items():
+        model = _build(model_cfg)
+        params, gmacs = complexity(model, size)
+        _, ednet = complexity(model, size, convention="ednet")
+        pub = f"{pub_gflops:.1f}" if pub_gflops else "-"
+        lines.append(f"| {name} | {params / 1e6:.2f} | {gmacs:.3f} | {ednet:.3f} | {pub} | "
+                     f"{_rel(ednet, pub_gflops)} |")
     return "\n".join(lines)
 
 
@@ -56,16 +197,21 @@ def main(argv=None):
     parser.add_argument("config", nargs="?", help="YAML config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--input-size", type=int, help="default: the config's data.input_size")
-    parser.add_argument("--table", action="store_true", help="print the published-figures table")
+    parser.add_argument("--convention", choices=CONVENTIONS, default="macs",
+                        help="macs: true multiply-accumulates (default); ednet: the ED-Net README's counting")
+    parser.add_argument("--table", action="store_true", help="print the published-figures tables")
     args = parser.parse_args(argv)
     if args.table:
-        rows = dict(PUBLISHED)
+        print("Plain backbones, true multiply-accumulates vs torchvision's published figures:\n")
+        print(table(PUBLISHED))
         try:
             from blocks.ed import PUBLISHED_GFLOPS as ed_rows
-            rows.update(ed_rows)
         except ImportError:
-            pass
-        print(table(rows))
+            ed_rows = None
+        if ed_rows:
+            print("\nED-Net README's GFLOPs table (its counting: transposed convs charged per output "
+                  "pixel, norms 4/element; see `--convention ednet`):\n")
+            print(ednet_table(ed_rows))
         return 0
     if not args.config:
         parser.error("give a config, or --table")
@@ -73,8 +219,9 @@ def main(argv=None):
     from models import build_model
     cfg = load_config(args.config, args.overrides)
     size = args.input_size or cfg.data.input_size
-    params, gmacs = complexity(build_model(cfg.model), size)
-    print(f"{args.config}: {params / 1e6:.3f} M parameters, {gmacs:.3f} GFLOPs (MACs) at {size}x{size}")
+    params, gflops = complexity(build_model(cfg.model), size, convention=args.convention)
+    unit = "GFLOPs (MACs)" if args.convention == "macs" else "GFLOPs (ED README counting)"
+    print(f"{args.config}: {params / 1e6:.3f} M parameters, {gflops:.3f} {unit} at {size}x{size}")
     return 0
 
 
