@@ -32,6 +32,7 @@ Use ``ednet`` only to compare with the ED-Net README; every other figure in
 this repository (model zoo, benchmarks) is ``macs``.
 """
 import argparse
+import copy
 import sys
 
 import torch
@@ -121,10 +122,15 @@ def complexity(model, input_size, in_chans=3, convention="macs"):
     ``convention='macs'`` (default): true multiply-accumulates (torchvision's convention).
     ``convention='ednet'``: the ED-Net README's (thop's) counting; see the module docstring.
     The input is made on the device of the model's first parameter (``meta`` works).
+    Weight-excited convs are counted folded: their excitation depends only on the weights, so it
+    is computed once per training step (not per image) and folds away for inference.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown FLOPs convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
     params = sum(p.numel() for p in model.parameters())
+    from blocks.we import WEConv2d, fold_we
+    if any(isinstance(m, WEConv2d) for m in model.modules()):
+        model = fold_we(copy.deepcopy(model))
     first = next(model.parameters(), None)
     x = torch.zeros(1, in_chans, input_size, input_size, device=first.device if first is not None else "cpu")
     was_training = model.training

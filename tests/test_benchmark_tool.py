@@ -1,0 +1,93 @@
+"""tools.benchmark on CPU: end to end on a tiny model, channels_last parity of every block model, --check."""
+import json
+
+import pytest
+import torch
+
+import blocks
+from models import build_model
+from tools import bench_utils, benchmark
+
+TINY = benchmark.SUITES["tiny"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI box is small and shared: one thread is faster and steadier
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_runs_end_to_end_and_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    r20 = {"name": "r20", "backbone": "cifar_resnet20", "num_classes": 10}
+    we20 = dict(r20, name="we20", conv={"type": "we"})
+    rc = benchmark.main(["--model-json", json.dumps(r20), "--model-json", json.dumps(we20), "--fold-we",
+                         "--input-size", "16", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                         "--repeats", "1", "--mode", "both", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["device"]["type"] == "cpu" and report["versions"]["torch"] == torch.__version__
+    assert report["settings"]["precision"] == "fp32" and report["settings"]["batch_size"] == 2
+    rows = {(r["model"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {("r20", "train"), ("r20", "infer"), ("we20", "train"), ("we20", "infer"),
+                         ("we20+fold", "infer")}
+    for (name, mode), r in rows.items():
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["n_steps"] == 2
+        assert r["mfu"] is None and r["peak_mem_mb"] is None  # CPU: no datasheet peak, no device memory
+        flops = 2 * r["gmacs"] * 1e9 * 2 * (3 if mode == "train" else 1)
+        assert r["tflops"] == pytest.approx(flops / (r["step_ms"] / 1e3) / 1e12)
+        assert r["baseline"] == "r20"
+    assert rows[("r20", "train")]["ratio"] == 1.0
+    assert rows[("r20", "train")]["params_m"] == pytest.approx(0.27, abs=0.01)
+
+
+def test_peak_table_matches_datasheets():
+    assert bench_utils.peak_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert bench_utils.peak_for_name("NVIDIA H200", "bf16") == 989e12
+    assert bench_utils.peak_for_name("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert bench_utils.peak_for_name("NVIDIA A100-SXM4-80GB", "tf32") == 156e12
+    assert bench_utils.peak_for_name("Some GPU", "bf16") is None
+
+
+def test_tiny_suite_covers_every_registered_block():
+    used = {p["type"] for spec in TINY.values() for p in spec.get("plugins", [])}
+    used |= {spec.get("conv", {}).get("type", "plain") for spec in TINY.values()}
+    assert set(blocks.BLOCKS) | set(blocks.CONVS) <= used
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_channels_last_equals_contiguous(name):
+    torch.manual_seed(0)
+    model = build_model(TINY[name]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_check_mode_passes_on_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    rc = benchmark.main(["--suite", "tiny", "--check", "--input-size", "32", "--batch-size", "4",
+                         "--check-steps", "2", "--device", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())["check"]
+    assert rc == 0, [r for r in rows if not r["ok"]]
+    checks = {(r["model"], r["check"]) for r in rows}
+    for name in list(blocks.BLOCKS):
+        assert (f"block:{name}", "bf16 vs fp32 (train)") in checks
+    assert ("we_cifar_resnet20", "WE folded vs unfolded") in checks
+    assert all(r["ok"] for r in rows)
+
+
+def test_config_file_gives_model_and_input_size(tmp_path):
+    cfg = tmp_path / "se_r20.yaml"
+    cfg.write_text("model:\n  backbone: cifar_resnet20\n  num_classes: 10\n  plugins:\n    - {type: se}\n"
+                   "data:\n  input_size: 16\n")
+    out = tmp_path / "r.json"
+    rc = benchmark.main(["--config", str(cfg), "--mode", "infer", "--batch-size", "2", "--steps", "1",
+                         "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "se_r20" and row["input_size"] == 16 and row["mode"] == "infer"
