@@ -19,9 +19,11 @@ Convolutional Neural Networks", ECCV 2020. For a conv weight W of shape
    the gradient of large-magnitude weights; |W / M_A| <= 1/1.1 keeps artanh finite.
 
 The excited weight depends on parameters only, so it is computed once per forward
-(not per sample), in the parameters' precision even under autocast, and at
-inference ``fold_we`` bakes it into plain ``nn.Conv2d`` layers (same outputs,
-plain-conv cost). ``.weight`` / ``.bias`` stay the raw parameters (torchvision keys
+(not per sample), in the parameters' precision even under autocast. MWE (with the
+LWE product) is one autograd Function with a hand-written backward, a few passes
+over the weight instead of ~20 autograd ops. In eval mode without autograd the
+excited weight is cached until a parameter changes (version counters), and
+``fold_we`` bakes it into plain ``nn.Conv2d`` layers (same outputs, plain-conv cost). ``.weight`` / ``.bias`` stay the raw parameters (torchvision keys
 still match); the LWE MLP lives in the ``lwe`` submodule (``conv1.lwe.fc1.weight``).
 
 Original (unofficial) code: Ridwan230/pytorch-classification-weight-excitation,
@@ -39,12 +41,18 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .registry import register_conv
 
 __all__ = ["LWE", "WEConv2d", "fold_we"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def _is_compiling():
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 class _FC(nn.Module):
@@ -82,7 +90,7 @@ class LWE(nn.Module):
         self.fc2 = _FC(hidden, channels)
 
     def forward(self, weight):
-        z = weight.mean(dim=(2, 3))              # (C_out, C_in/g): mean of each k x k kernel
+        z = _kernel_sum(weight) * (1.0 / (weight.shape[2] * weight.shape[3]))  # (C_out, C_in/g) kernel means
         z = F.relu(self.fc1(z))
         return torch.sigmoid(self.fc2(z))[:, :, None, None]
 
@@ -93,11 +101,85 @@ def standardize_weight(weight, eps=1e-5):
     return w / (w.flatten(1).std(dim=1).view(-1, 1, 1, 1) + eps)
 
 
-def magnitude_excite(weight, margin=0.1):
-    """MWE: ``M_A * artanh(W / M_A)`` with ``M_A = (1 + margin) * max|W|`` over the tensor."""
-    m = (1.0 + margin) * weight.abs().amax()
-    m = m.clamp_min(torch.finfo(weight.dtype).tiny)
-    return m * torch.atanh(weight / m)
+def magnitude_excite(weight, margin=0.1, gate=None):
+    """MWE: ``M_A * artanh(U / M_A)`` with ``U = weight * gate`` (``U = weight`` when ``gate`` is None)
+    and ``M_A = (1 + margin) * max|U|`` over the tensor; differentiable wrt ``weight`` and ``gate``.
+
+    ``gate`` is the LWE gate tensor (C_out, C_in/g, 1, 1), entries in (0, 1). Taking the
+    product inside lets the backward (``_MagnitudeExcite``) avoid storing ``U``.
+    """
+    return _MagnitudeExcite.apply(weight, gate, float(margin))
+
+
+def _dot(a, b):
+    """sum(a * b) without a temporary when both are contiguous."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1))
+    return (a * b).sum()
+
+
+def _kernel_sum(weight):
+    """Sum of each k x k kernel, shape (C_out, C_in/g) (a view for 1x1 kernels)."""
+    if weight.shape[2] * weight.shape[3] == 1:
+        return weight.flatten(1)
+    return weight.sum(dim=(2, 3))
+
+
+def _rows(t):
+    """``t`` (4-D) as (C_out, -1) in memory order, and the dim order of the columns (a view)."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1), (2, 3, 1)
+    return t.contiguous().view(t.shape[0], -1), (1, 2, 3)
+
+
+class _MagnitudeExcite(torch.autograd.Function):
+    """``out = M * atanh(z)``, ``z = U / M``, ``U = W * gate``, ``M = c * max|U|`` (clamped to > 0).
+
+    The same function and gradients as writing it with autograd ops, in a few passes
+    over the weight instead of ~20. With ``q = 1 - z^2`` and ``G = dL/d out``:
+    ``dL/dU = G / q``, plus ``c * sign(U_top) * sum(G * (atanh(z) - z / q))`` at the
+    largest-magnitude entry ``U_top`` (the gradient through ``M``), where
+    ``atanh(z) = out / M`` reuses the saved output. If several entries tie for the
+    largest magnitude, that term goes to one of them (autograd's ``amax`` would
+    split it; both are valid subgradients).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, gate, margin):
+        u = weight * gate if gate is not None else weight.clone()
+        rows, order = _rows(u)
+        col_hi, col_lo = rows.amax(0), rows.amin(0)               # per column of the (C_out, -1) view
+        col = torch.maximum(col_hi, -col_lo).argmax().view(1)     # (tensor indexing: no graph break)
+        hi, lo = col_hi.index_select(0, col), col_lo.index_select(0, col)
+        top = torch.where(hi >= -lo, hi, lo)                      # signed value of the largest |U|
+        row = (rows.index_select(1, col) == top).view(-1).to(torch.uint8).argmax().view(1)  # first row
+        sizes = [u.shape[d] for d in order]
+        index = dict(zip(order, torch.unravel_index(col, sizes)))
+        index = (row, index[1], index[2], index[3])
+        tiny = torch.finfo(u.dtype).tiny
+        m = ((1.0 + margin) * top.abs()).clamp_min(tiny)
+        z = u.mul_(1.0 / m)                                       # U / M, in place
+        out = torch.atanh(z).mul_(m)
+        # dM / dU_top: c * sign(U_top), or 0 where the clamp is active (an all-zero weight)
+        dm = torch.where(top.abs() * (1.0 + margin) >= tiny, (1.0 + margin) * torch.sign(top), 0.0)
+        ctx.save_for_backward(weight, gate, z, out, m, dm, *index)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        weight, gate, z, out, m, dm, *index = ctx.saved_tensors
+        gu = torch.addcmul(torch.ones((), dtype=z.dtype, device=z.device), z, z, value=-1)  # 1 - z^2
+        gu = torch.div(grad, gu, out=gu)                          # G / (1 - z^2)
+        grad_m = _dot(grad, out) / m - _dot(gu, z)                # sum(G * d out / d M)
+        gu.index_put_(tuple(index), grad_m * dm, accumulate=True)
+        if gate is None:
+            return gu, None, None
+        if weight.shape[2] * weight.shape[3] == 1:
+            grad_gate = gu * weight
+        else:
+            grad_gate = torch.einsum("oikl,oikl->oi", gu, weight)[:, :, None, None]
+        return gu.mul_(gate), grad_gate, None
 
 
 @register_conv("we")
@@ -126,6 +208,7 @@ class WEConv2d(nn.Conv2d):
         self.use_lwe, self.use_mwe, self.use_ws = bool(lwe), bool(mwe), bool(ws)
         self.reduction, self.mwe_margin, self.ws_eps = int(reduction), float(mwe_margin), float(ws_eps)
         self.lwe = LWE(in_channels // groups, max(in_channels // reduction, 1)) if lwe else None
+        self._cache = None  # (parameter versions, excited weight), used in eval without grad
 
     def reset_parameters(self):
         super().reset_parameters()
@@ -141,14 +224,25 @@ class WEConv2d(nn.Conv2d):
         with ctx:  # excitation in parameter precision; only the conv itself follows autocast
             if self.use_ws:
                 w = standardize_weight(w, self.ws_eps)
-            if self.lwe is not None:
-                w = w * self.lwe(w)
+            gate = self.lwe(w) if self.lwe is not None else None
             if self.use_mwe:
-                w = magnitude_excite(w, self.mwe_margin)
+                w = magnitude_excite(w, self.mwe_margin, gate)
+            elif gate is not None:
+                w = w * gate
         return w
 
     def forward(self, x):
-        return self._conv_forward(x, self.excited_weight(), self.bias)
+        if self.training or torch.is_grad_enabled() or _is_compiling():
+            return self._conv_forward(x, self.excited_weight(), self.bias)
+        # eval without autograd: reuse the excited weight while the parameters are unchanged
+        # (an in-place update, load_state_dict or .to() changes a version, pointer or dtype)
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self._excite_params())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.excited_weight())
+        return self._conv_forward(x, self._cache[1], self.bias)
+
+    def _excite_params(self):
+        return [self.weight] + (list(self.lwe.parameters()) if self.lwe is not None else [])
 
     def to_plain(self):
         """A plain ``nn.Conv2d`` holding the excited weight (for inference)."""

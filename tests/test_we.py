@@ -300,3 +300,47 @@ def test_converter_loads_into_we_resnet18():
     with pytest.warns(UserWarning, match="LWE only"):
         werepo.convert(ckpt, build_model({"backbone": "resnet18", "num_classes": 10,
                                           "conv": {"type": "we"}, "plugins": []}))
+
+
+# --- fast path: hand-written MWE backward, eval cache, compile friendliness ---
+
+def test_grads_match_reference_channels_last_and_zero_weight():
+    conv = make(SHAPES["dense3x3"], FLAGS["lwe+mwe"])
+    w, fc = ref_params(conv)
+    conv = conv.to(memory_format=torch.channels_last)
+    g = torch.randn(8, 16, 3, 3, dtype=torch.float64)
+    conv.excited_weight().backward(g)
+    ref_excite(w, fc, **FLAGS["lwe+mwe"]).backward(g)
+    assert rel(conv.weight.grad, w.grad) < 1e-10
+    zero = make(SHAPES["dense3x3"], FLAGS["mwe"])
+    with torch.no_grad():
+        zero.weight.zero_()
+    out = zero.excited_weight()
+    out.backward(torch.ones_like(out))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(zero.weight.grad).all()
+
+
+def test_eval_cache_follows_parameter_updates():
+    conv = make(SHAPES["dense3x3"], FLAGS["lwe+mwe"], dtype=torch.float32).eval()
+    x = torch.randn(1, 16, 5, 5)
+    with torch.no_grad():
+        y1 = conv(x)
+        assert conv._cache is not None and torch.equal(conv(x), y1)
+        conv.lwe.fc2.bias.add_(1.0)  # in-place update -> recomputed
+        y2 = conv(x)
+        ref = F.conv2d(x, conv.excited_weight(), None, 1, 1)
+    assert not torch.equal(y2, y1) and torch.equal(y2, ref)
+    conv.train()
+    y3 = conv(x)
+    y3.sum().backward()
+    assert conv.weight.grad is not None  # training never uses the cache
+
+
+def test_no_graph_breaks():
+    dynamo = pytest.importorskip("torch._dynamo")
+    model = nn.Sequential(WEConv2d(3, 8, 3, padding=1), nn.ReLU(), WEConv2d(8, 8, 1, ws=True),
+                          WEConv2d(8, 8, 3, padding=1, lwe=False))
+    x = torch.randn(1, 3, 8, 8)
+    for m in (model.train(), model.eval()):
+        dynamo.reset()
+        assert dynamo.explain(m)(x).graph_break_count == 0
