@@ -35,11 +35,14 @@ H*W, then
 
 Both branches are linear in X per sample, so the block applies one per-sample block-diagonal
 matrix W_n = sigmoid(theta) P_T + (1 - sigmoid(theta)) diag(y_n / s) to each group with one
-batched matmul (no transposed copies of the activation, no loop over groups). The statistics
-come from per-sample Gram matrices and sums of X minus its per-sample channel mean (a constant
-shift: the covariance and variances do not depend on it, so gradients stay exact), which keeps
-float32 accurate for channels whose mean is large against their spread. The gradient flows, as
-in the original, through Sigma, the Newton steps, the batch mean and s.
+batched matmul (no loop over groups). The statistics come from per-sample Gram matrices and
+sums of X minus its per-sample channel mean (a constant shift: the covariance and variances do
+not depend on it, so gradients stay exact), which keeps float32 accurate for channels whose mean
+is large against their spread. That centred copy is written once, transposed to (M, d) per
+row of d channels, and is the only activation-sized tensor kept for backward: with it the Gram
+matrix and the gradient of W_n are non-transposed bmm's (X X^T with a long inner dimension is
+several times slower on CPU). The gradient flows, as in the original, through Sigma, the
+Newton steps, the batch mean and s.
 
 Where this code deliberately differs from the original:
 * the running buffers are ordinary (not expanded) tensors, so in-place updates work on current
@@ -103,35 +106,59 @@ def _all_reduce_sum(t):
 
 
 class _CentredMoments(torch.autograd.Function):
-    """Gram matrices and row sums of ``x - shift`` for x (B, d, M) and a constant shift (B, d, 1).
-
-    The centred copy lives only inside forward (float32 sums of uncentred data would lose the
-    covariance of channels whose mean is large against their spread); backward is one baddbmm
-    on x: d/dx = (dG + dG^T)(x - shift) + dsum 1^T.
+    """Gram matrices (B, d, d) and row sums (B, d) of xc = x - shift for x (B, d, M), shift = the
+    row means (constant); also returns shift and xc^T (B, M, d) (see the module doc). Statistics
+    in float32 (float64 for float64 x). Backward: d/dx = (dG + dG^T) xc + dsum 1^T.
     """
 
     @staticmethod
-    def forward(ctx, x, shift):
-        xc = torch.sub(x, shift)  # in shift's dtype: float32 statistics for a half x
-        ctx.save_for_backward(x, shift)
-        return torch.bmm(xc, xc.transpose(1, 2)), xc.sum(2)
+    def forward(ctx, x, sdt):
+        b, d, m = x.shape
+        total = x.sum(2, keepdim=True, dtype=sdt)
+        shift = total / m
+        if torch.compiler.is_compiling():  # out= into a strided view is not traceable
+            xct = torch.sub(x, shift).transpose(1, 2).contiguous()
+        else:  # one pass, written straight into the transposed layout
+            xct = torch.empty((b, m, d), dtype=sdt, device=x.device)
+            torch.sub(x, shift, out=xct.transpose(1, 2))
+        gram = torch.bmm(xct.transpose(1, 2), xct)
+        sums = (total - m * shift).squeeze(2)  # the sum of xc, ~0: only its gradient matters
+        ctx.mark_non_differentiable(shift, xct)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for xct
+        ctx.save_for_backward(xct)
+        ctx.x_dtype = x.dtype
+        return gram, sums, shift, xct
 
     @staticmethod
-    def backward(ctx, dgram, dsum):
-        x, shift = ctx.saved_tensors
-        b, d, _ = x.shape
-        dgram = shift.new_zeros(b, d, d) if dgram is None else dgram
-        dsum = shift.new_zeros(b, d) if dsum is None else dsum
-        a = dgram + dgram.transpose(1, 2)
-        bias = dsum.unsqueeze(2) - torch.bmm(a, shift)
-        return torch.baddbmm(bias, a, x.to(a.dtype)).to(x.dtype), None
+    def backward(ctx, dgram, dsum, _dshift, _dxct):
+        (xct,) = ctx.saved_tensors
+        b, _, d = xct.shape
+        dgram = xct.new_zeros(b, d, d) if dgram is None else dgram
+        grad = torch.bmm(dgram + dgram.transpose(1, 2), xct.transpose(1, 2))
+        if dsum is not None:
+            grad.add_(dsum.unsqueeze(2))
+        return grad.to(ctx.x_dtype), None
 
 
-def _sample_means(x, dtype):
-    """Row means (B, d, 1) of x (B, d, M) in ``dtype``; only their rough value matters (see _CentredMoments)."""
-    if x.dtype == torch.float16:  # a float16 sum can overflow
-        return x.mean(2, keepdim=True).to(dtype)
-    return x.sum(2, keepdim=True).to(dtype) / x.shape[2]  # bf16 sums accumulate in float32 and are fast
+class _Mix(torch.autograd.Function):
+    """out = W x for W (B, d, d), x (B, d, M); backward uses xc^T and shift of _CentredMoments
+    instead of keeping x: dW = dout (xc^T + 1 shift^T)."""
+
+    @staticmethod
+    def forward(ctx, x, mix, xct, shift):
+        ctx.save_for_backward(mix, xct, shift)
+        return torch.bmm(mix.to(x.dtype), x)
+
+    @staticmethod
+    def backward(ctx, dout):
+        mix, xct, shift = ctx.saved_tensors
+        dout, dx, dmix = dout.contiguous(), None, None  # an expanded dout would make bmm loop over B
+        if ctx.needs_input_grad[0]:
+            dx = torch.bmm(mix.transpose(1, 2).to(dout.dtype), dout)
+        if ctx.needs_input_grad[1]:
+            d32 = dout.to(xct.dtype)
+            dmix = torch.baddbmm(d32.sum(2, keepdim=True) * shift.transpose(1, 2), d32, xct)
+        return dx, dmix, None, None
 
 
 def _variance(total, sumsq, count):
@@ -249,16 +276,15 @@ class CE(nn.Module):
         xg = x.reshape(n * g, d, hw)  # a view for contiguous NCHW; one copy otherwise
         with torch.autocast(device_type=x.device.type, enabled=False):
             sdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # statistics dtype
-            shift = _sample_means(xg.detach(), sdt)  # constant shifts: the statistics do not depend on them
             if self.training:
-                gram_c, sums_c = _CentredMoments.apply(xg, shift)
+                gram_c, sums_c, shift, xct = _CentredMoments.apply(xg, sdt)
                 var = _variance(sums_c, gram_c.diagonal(dim1=1, dim2=2), hw)
+                stats = gram_c, sums_c, shift
                 if self.pooling:
-                    xp = F.max_pool2d(x, 2, 2).reshape(n * g, d, -1)
-                    shift = _sample_means(xp.detach(), sdt)
-                    gram_c, sums_c = _CentredMoments.apply(xp, shift)
-                wm, scale = self._batch_stats(x, gram_c, sums_c, shift, var)
+                    stats = _CentredMoments.apply(F.max_pool2d(x, 2, 2).reshape(n * g, d, -1), sdt)[:3]
+                wm, scale = self._batch_stats(x, *stats, var)
             else:
+                shift = xg.detach().sum(2, keepdim=True, dtype=sdt) / hw
                 var = torch.linalg.vector_norm(torch.sub(xg, shift), dim=2).square() / max(hw - 1, 1)
                 wm, scale = self.running_wm.to(sdt), self.ir.running_scale.to(sdt)
             y = self.ir.gains(var.view(n, c).to(self.ir.fc1.weight.dtype)).to(sdt)
@@ -266,7 +292,12 @@ class CE(nn.Module):
             gain = ((1 - a) * y / scale).view(n, g, d)
             mix = (a * wm).expand(n, g, d, d).clone()  # (n, g, d, d): W_n per group
             mix.diagonal(dim1=2, dim2=3).add_(gain)
-            out = torch.bmm(mix.view(n * g, d, d).to(x.dtype), xg).view(n, c, h, w)
+            mix = mix.view(n * g, d, d)
+            if self.training:
+                out = _Mix.apply(xg, mix, xct, shift)
+            else:
+                out = torch.bmm(mix.to(x.dtype), xg)
+            out = out.view(n, c, h, w)
         if channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
