@@ -194,6 +194,8 @@ class CE(nn.Module):
     stem_group_channels: G used when the block follows the stem norm (original: 64).
     """
 
+    no_weight_decay = ("theta",)  # the BD/IR mixing logit: exempt with train.wd_exempt: [marked]
+
     def __init__(self, channels, group_channels=16, newton_iters=3, pooling=False, momentum=0.1,
                  eps=1e-5, reduction=4, sync_stats=False, stem_group_channels=64):
         super().__init__()

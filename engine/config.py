@@ -1,0 +1,348 @@
+"""YAML configs: safe loading, ``_base_`` inheritance, overrides, strict schema.
+
+A config file is YAML read with a safe loader (no Python objects; ``1e-4`` is a
+float; a key given twice is an error). ``_base_: [a.yaml, b.yaml]`` names files,
+relative to the file, that are deep-merged in order before the file itself
+(dicts merge key by key, lists and scalars are replaced; ``_delete_: true`` in a
+dict replaces the inherited dict instead of merging). Command-line overrides
+``key.sub=value`` take YAML-typed values; list items are addressed by index
+(``model.plugins.0.stages=[1,2]``). The merged tree is checked against
+:data:`engine.schema.SCHEMA`: unknown keys, wrong types and bad choices are
+refused with the key's path and the nearest valid key; missing keys take their
+defaults. The result is a :class:`Config`, a dict with attribute access.
+"""
+import copy
+import difflib
+import os
+import re
+from collections.abc import Mapping
+
+import yaml
+
+from engine.fields import ConfigError, Field
+
+BASE_KEY = "_base_"
+DELETE_KEY = "_delete_"
+
+
+# ----------------------------------------------------------------------------- YAML
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float and refuses duplicate keys."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _construct_mapping(loader, node, deep=False):
+    keys = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in keys:
+            raise ConfigError(f"key '{key}' is given twice (line {key_node.start_mark.line + 1}); "
+                              f"keep one of them")
+        keys.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text, where="<string>"):
+    """Parse YAML text with the project's safe loader."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}:{line}: invalid YAML ({problem}); fix the syntax "
+                          f"(only plain YAML values are allowed)") from None
+
+
+# ----------------------------------------------------------------------------- Config
+
+class Config(dict):
+    """A nested dict with attribute access (``cfg.train.lr``); dicts inside lists convert too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for k, v in self.items():
+            dict.__setitem__(self, k, _wrap(v))
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key '{name}'{_nearest_msg(name, self)}") from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, _wrap(value))
+
+    def __deepcopy__(self, memo):
+        return Config(copy.deepcopy(dict(self), memo))
+
+    def to_dict(self):
+        """Plain dicts and lists all the way down (what checkpoints and YAML dumps store)."""
+        return _unwrap(self)
+
+
+def _wrap(v):
+    if isinstance(v, Mapping) and not isinstance(v, Config):
+        return Config(v)
+    if isinstance(v, list):
+        return [_wrap(x) for x in v]
+    return v
+
+
+def _unwrap(v):
+    if isinstance(v, Mapping):
+        return {k: _unwrap(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_unwrap(x) for x in v]
+    return v
+
+
+def nearest(name, names):
+    """The valid name closest to ``name`` (similar spelling, or one is a prefix of the other), or None."""
+    name, names = str(name), [str(n) for n in names]
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    low = name.lower()
+    prefix = [n for n in names if low.startswith(n.lower()) or n.lower().startswith(low)]
+    if prefix:
+        return max(prefix, key=len)
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
+    return match[0] if match else None
+
+
+def _nearest_msg(name, names, prefix=""):
+    match = nearest(name, names)
+    return f" (did you mean '{prefix}{match}'?)" if match is not None else ""
+
+
+# ----------------------------------------------------------------------------- merge
+
+def merge(base, update):
+    """Deep-merge ``update`` into a copy of ``base``: dicts by key, everything else replaced."""
+    if not isinstance(base, Mapping) or not isinstance(update, Mapping):
+        return copy.deepcopy(update)
+    update = dict(update)
+    if update.pop(DELETE_KEY, False):
+        return copy.deepcopy(update)
+    out = copy.deepcopy(dict(base))
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if k in out else _strip_delete(copy.deepcopy(v))
+    return out
+
+
+def _strip_delete(v):
+    if isinstance(v, dict):
+        return {k: _strip_delete(x) for k, x in v.items() if k != DELETE_KEY}
+    return v
+
+
+def read_tree(path, _stack=()):
+    """Read one YAML file with its ``_base_`` files merged in (no schema applied)."""
+    path = os.path.abspath(path)
+    if path in _stack:
+        chain = " -> ".join(os.path.basename(p) for p in _stack + (path,))
+        raise ConfigError(f"{path}: _base_ files include each other ({chain}); remove the cycle")
+    if not os.path.isfile(path):
+        where = f" (named in {_stack[-1]})" if _stack else ""
+        raise ConfigError(f"config file {path} not found{where}; check the path")
+    with open(path, encoding="utf-8") as f:
+        tree = parse_yaml(f.read(), path)
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got "
+                          f"{type(tree).__name__}; write 'section: {{key: value}}'")
+    bases = tree.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a list of file paths, got {bases!r}; "
+                          f"write '_base_: [../_base_/runtime.yaml]'")
+    merged = {}
+    for b in bases:
+        merged = merge(merged, read_tree(os.path.join(os.path.dirname(path), b), _stack + (path,)))
+    return merge(merged, tree)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def parse_override(text):
+    """``'a.b.0=[1, 2]'`` -> (['a', 'b', '0'], [1, 2])."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value; "
+                          f"write e.g. train.lr=0.1 or model.plugins.0.stages=[1,2]")
+    val = parse_yaml(value, f"override '{text}'") if value.strip() else ""
+    return key.split("."), val
+
+
+def apply_override(tree, parts, value, text):
+    """Set ``tree[parts...] = value``; list items by index, missing dict keys created."""
+    node = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[:depth + 1])
+        if isinstance(node, list):
+            if not re.fullmatch(r"-?\d+", part):
+                raise ConfigError(f"override '{text}': {'.'.join(parts[:depth]) or 'value'} is a list, "
+                                  f"'{part}' is not an index; use a number, e.g. {here.rsplit('.', 1)[0]}.0")
+            i = int(part)
+            if not -len(node) <= i < len(node):
+                raise ConfigError(f"override '{text}': index {i} is out of range for "
+                                  f"{'.'.join(parts[:depth])} ({len(node)} items); "
+                                  f"set the whole list instead, e.g. {'.'.join(parts[:depth])}=[...]")
+            if last:
+                node[i] = value
+            else:
+                node = node[i]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"override '{text}': {'.'.join(parts[:depth])} is a "
+                              f"{type(node).__name__}, not a mapping or list; override it as a whole")
+    return tree
+
+
+# ----------------------------------------------------------------------------- schema
+
+def fill_defaults(tree, schema):
+    """Add schema defaults for missing keys (unknown keys are left for :func:`validate`)."""
+    out = dict(tree) if isinstance(tree, Mapping) else {}
+    for k, spec in schema.items():
+        if isinstance(spec, Field):
+            if k not in out:
+                out[k] = copy.deepcopy(spec.default)
+        elif isinstance(out.get(k, {}), Mapping):
+            out[k] = fill_defaults(out.get(k, {}), spec)
+    return out
+
+
+def _type_name(types):
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "a mapping"}
+    if set(types) == {int, float}:
+        return "a number"
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def check_value(value, field, path):
+    """Refuse ``value`` at ``path`` unless it has the field's type, choices and check."""
+    if value is None:
+        if field.nullable or field.default is None:
+            return
+        raise ConfigError(f"{path} must not be null; set it to {_type_name(field.types())} "
+                          f"(default: {field.default!r})")
+    types = field.types()
+    ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float))
+             for t in types)
+    if not ok:
+        raise ConfigError(f"{path} must be {_type_name(types)}, got {value!r} "
+                          f"({type(value).__name__}); e.g. {path}={field.default!r}")
+    if field.choices is not None and value not in field.choices:
+        raise ConfigError(f"{path}={value!r} is not one of {list(field.choices)}"
+                          f"{_nearest_msg(value, field.choices)}")
+    if field.check is not None:
+        field.check(value, path)
+
+
+def validate(tree, schema, prefix=""):
+    """Return ``tree`` with defaults filled, refusing unknown keys and bad values."""
+    if not isinstance(tree, Mapping):
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where} must be a mapping of keys, got {tree!r}; write "
+                          f"'{where.rsplit('.', 1)[-1]}: {{key: value}}' (keys: {', '.join(map(str, schema))})")
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if k not in schema:
+            hint = _nearest_msg(k, schema, prefix)
+            raise ConfigError(f"unknown key '{path}'{hint}" + ("; fix or remove it" if hint else
+                              f"; valid keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(map(str, schema))}"))
+        spec = schema[k]
+        if isinstance(spec, Field):
+            check_value(v, spec, path)
+            out[k] = v
+        else:
+            out[k] = validate(v, spec, path + ".")
+    for k, spec in schema.items():
+        if k not in out:
+            out[k] = copy.deepcopy(spec.default) if isinstance(spec, Field) \
+                else validate({}, spec, f"{prefix}{k}.")
+    return {k: out[k] for k in schema}  # schema order, so dumps read like the reference
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def from_tree(tree, overrides=(), schema=None, where="config"):
+    """Validate an already-merged tree (plus overrides) into a :class:`Config`."""
+    real = schema is None
+    if real:
+        from engine.schema import get_schema
+        schema = get_schema()
+    tree = fill_defaults(copy.deepcopy(dict(tree)), schema)
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value, text)
+    try:
+        tree = validate(tree, schema)
+        if real:
+            _validate_model(tree["model"])
+        if "train" in schema:
+            from engine.schema import cross_check
+            cross_check(tree)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return Config(tree)
+
+
+def _validate_model(model_cfg):
+    import importlib.util
+    if importlib.util.find_spec("models") is None:
+        return
+    import models
+    if hasattr(models, "validate_model_cfg"):
+        models.validate_model_cfg(model_cfg)
+
+
+def load_config(path, overrides=(), schema=None):
+    """Read ``path`` (with ``_base_`` files), apply ``overrides`` and check against the schema."""
+    cfg = from_tree(read_tree(path), overrides, schema, where=os.path.relpath(path))
+    return cfg
+
+
+def dump(cfg, path=None):
+    """The config as YAML text (written to ``path`` when given); loads back to the same config."""
+    text = yaml.safe_dump(_unwrap(cfg), sort_keys=False, default_flow_style=None, width=100)
+    if path is not None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return text

@@ -1,0 +1,173 @@
+"""The engine's config sections (train, eval, runtime, dist) and the full SCHEMA.
+
+Every key has a default and a one-line doc; ``python -m engine.schema`` prints
+the whole reference (model and data sections included) as a Markdown table.
+Sizes in the train section are global: ``train.batch_size`` is summed over all
+processes and accumulation steps, and ``train.lr`` is the learning rate for that
+batch (no implicit scaling: a recipe states its own lr and batch).
+"""
+from engine.fields import ConfigError, Field
+
+SCHEDULES = ("step", "multistep", "cosine", "poly", "constant")
+WD_EXEMPT = ("norm", "bias", "marked")
+
+
+def _list_of(kind, low=None, name="item"):
+    def check(value, path):
+        for i, x in enumerate(value):
+            if not isinstance(x, kind) or isinstance(x, bool) or (low is not None and x < low):
+                bound = f" >= {low}" if low is not None else ""
+                raise ConfigError(f"{path}.{i}={x!r}: each {name} must be {kind.__name__}{bound}; "
+                                  f"e.g. {path}=[30, 60, 90]")
+    return check
+
+
+def _at_least(low, strict=False):
+    def check(value, path):
+        if value < low or (strict and value == low):
+            op = ">" if strict else ">="
+            raise ConfigError(f"{path}={value!r} must be {op} {low}; change it")
+    return check
+
+
+def _in_range(low, high):
+    def check(value, path):
+        if not low <= value <= high:
+            raise ConfigError(f"{path}={value!r} must be in [{low}, {high}]; change it")
+    return check
+
+
+def _subset_of(choices):
+    def check(value, path):
+        for x in value:
+            if x not in choices:
+                raise ConfigError(f"{path}: '{x}' is not one of {list(choices)}; remove or fix it")
+    return check
+
+
+TRAIN_SCHEMA = {
+    "epochs": Field(100, "number of training epochs", check=_at_least(1)),
+    "batch_size": Field(256, "GLOBAL batch per optimizer step (all processes x accum_steps)",
+                        check=_at_least(1)),
+    "accum_steps": Field(1, "gradient accumulation: micro-batches per optimizer step", check=_at_least(1)),
+    "optimizer": Field("sgd", "optimizer (SGD with momentum)", choices=("sgd",)),
+    "lr": Field(0.1, "peak learning rate for train.batch_size (reached after warmup)",
+                check=_at_least(0.0, strict=True)),
+    "momentum": Field(0.9, "SGD momentum", check=_in_range(0.0, 1.0)),
+    "nesterov": Field(False, "use Nesterov momentum"),
+    "weight_decay": Field(1e-4, "L2 weight decay (SGD's coupled form)", check=_at_least(0.0)),
+    "wd_exempt": Field([], "parameters without weight decay: 'norm' (norm layers), 'bias' (all biases), "
+                       "'marked' (names listed by a module's no_weight_decay, e.g. CE's mixing theta)",
+                       type=list, check=_subset_of(WD_EXEMPT)),
+    "schedule": Field("step", "LR schedule, evaluated every iteration", choices=SCHEDULES),
+    "step_size": Field(30, "step: decay by gamma every step_size epochs", check=_at_least(1)),
+    "milestones": Field([30, 60, 90], "multistep: epochs at which lr is multiplied by gamma",
+                        type=list, check=_list_of(int, 0, "milestone")),
+    "gamma": Field(0.1, "step/multistep decay factor", check=_at_least(0.0)),
+    "power": Field(1.0, "poly: lr = min_lr + (lr - min_lr) * (1 - t/T)^power", check=_at_least(0.0)),
+    "min_lr": Field(0.0, "cosine/poly: final learning rate", check=_at_least(0.0)),
+    "warmup_epochs": Field(0.0, "linear warmup length in epochs (fractions allowed, per iteration)",
+                           check=_at_least(0.0)),
+    "warmup_start_factor": Field(0.1, "warmup starts at lr * warmup_start_factor",
+                                 check=_in_range(0.0, 1.0)),
+    "label_smoothing": Field(0.0, "cross-entropy label smoothing", check=_in_range(0.0, 1.0)),
+    "amp": Field("none", "mixed precision on CUDA: none, bf16, or fp16 (with a dynamic grad scaler)",
+                 choices=("none", "bf16", "fp16")),
+    "channels_last": Field(False, "use channels_last memory format for the model and inputs"),
+    "compile": Field(False, "wrap the model with torch.compile"),
+    "sync_bn": Field(False, "convert BatchNorm layers to SyncBatchNorm when training on several processes"),
+    "clip_grad_norm": Field(None, "clip the global gradient norm to this value (null: off)",
+                            type=(int, float), nullable=True, check=_at_least(0.0, strict=True)),
+    "max_nonfinite": Field(None, "null: stop (exit 3) when the logged loss is nan/inf (checked at log "
+                           "intervals, no per-step sync); N: check every step (one device sync per step) and "
+                           "skip up to N nan/inf updates in a row", type=int, nullable=True, check=_at_least(0)),
+    "ema": Field(False, "keep an exponential moving average of the weights (evaluated as ema_top1)"),
+    "ema_decay": Field(0.9999, "EMA decay per update", check=_in_range(0.0, 1.0)),
+    "ema_every": Field(1, "update the EMA every N optimizer steps", check=_at_least(1)),
+}
+
+EVAL_SCHEMA = {
+    "interval": Field(1, "evaluate every N epochs during training (0: only after the last epoch)",
+                      check=_at_least(0)),
+    "batch_size": Field(256, "GLOBAL evaluation batch (split over processes)", check=_at_least(1)),
+    "best_metric": Field("top1", "metric that selects best.pth (higher is better)",
+                         choices=("top1", "top5", "ema_top1")),
+    "final": Field(True, "evaluate after the last epoch even if interval does not divide epochs"),
+}
+
+RUNTIME_SCHEMA = {
+    "work_dir": Field(None, "directory for checkpoints, logs, config and metrics "
+                      "(null: work_dirs/<config file name>)", type=str, nullable=True),
+    "device": Field("auto", "auto (cuda when available), cuda or cpu", choices=("auto", "cuda", "cpu")),
+    "seed": Field(0, "base random seed (each rank adds its rank)", check=_at_least(0)),
+    "deterministic": Field(False, "use deterministic algorithms (slower; cudnn.benchmark off)"),
+    "cudnn_benchmark": Field(True, "let cuDNN pick the fastest kernels (ignored when deterministic)"),
+    "log_interval": Field(20, "print/log training metrics every N optimizer steps", check=_at_least(1)),
+    "tensorboard": Field(True, "write tensorboardX scalars to <work_dir>/tb"),
+    "ckpt_interval": Field(1, "save a checkpoint every N epochs (the last epoch is always saved)",
+                           check=_at_least(1)),
+    "ckpt_interval_steps": Field(0, "also save every N optimizer steps, mid-epoch (0: off)",
+                                 check=_at_least(0)),
+    "keep_last": Field(3, "keep the last K checkpoints (best.pth is kept separately)", check=_at_least(1)),
+    "auto_resume": Field(True, "resume from the work directory's latest checkpoint when there is one"),
+    "resume_from": Field(None, "resume from this checkpoint path instead (full training state)",
+                         type=str, nullable=True),
+    "handle_signals": Field(True, "on SIGTERM/SIGUSR1 save at the current step and exit with code 75"),
+    "max_steps": Field(0, "stop after this many optimizer steps in total, without saving (0: no limit; "
+                       "smoke tests and benchmarks)",
+                       check=_at_least(0)),
+}
+
+DIST_SCHEMA = {
+    "backend": Field("auto", "process group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo",
+                     choices=("auto", "nccl", "gloo")),
+    "timeout_min": Field(30, "collective timeout in minutes", check=_at_least(1)),
+    "find_unused_parameters": Field(False, "DDP find_unused_parameters (only for models that need it)"),
+}
+
+ENGINE_SCHEMA = {"train": TRAIN_SCHEMA, "eval": EVAL_SCHEMA, "runtime": RUNTIME_SCHEMA, "dist": DIST_SCHEMA}
+
+
+def cross_check(tree):
+    """Checks that involve more than one key (the tree is already type-checked)."""
+    train, ev = tree["train"], tree["eval"]
+    if ev["best_metric"] == "ema_top1" and not train["ema"]:
+        raise ConfigError("eval.best_metric=ema_top1 needs train.ema=true; enable the EMA or use top1")
+    if train["schedule"] == "multistep" and list(train["milestones"]) != sorted(train["milestones"]):
+        raise ConfigError(f"train.milestones={train['milestones']} must be increasing; sort them")
+    if train["warmup_epochs"] > train["epochs"]:
+        raise ConfigError(f"train.warmup_epochs={train['warmup_epochs']} exceeds train.epochs="
+                          f"{train['epochs']}; shorten the warmup")
+    if train["batch_size"] % train["accum_steps"]:
+        raise ConfigError(f"train.batch_size={train['batch_size']} is not divisible by "
+                          f"train.accum_steps={train['accum_steps']}; change one of them")
+
+
+def get_schema():
+    """The full schema: model and data sections from their packages, then the engine's."""
+    from data.schema import DATA_SCHEMA
+    from models.schema import MODEL_SCHEMA
+    return {"model": MODEL_SCHEMA, "data": DATA_SCHEMA, **ENGINE_SCHEMA}
+
+
+def describe(schema=None, prefix=""):
+    """Rows ``(key, default, doc)`` for every field, depth first."""
+    schema = get_schema() if schema is None else schema
+    rows = []
+    for k, spec in schema.items():
+        if isinstance(spec, Field):
+            choices = f" (one of {', '.join(map(str, spec.choices))})" if spec.choices else ""
+            rows.append((f"{prefix}{k}", spec.default, spec.doc + choices))
+        else:
+            rows.extend(describe(spec, f"{prefix}{k}."))
+    return rows
+
+
+def main():
+    print("| key | default | meaning |\n|---|---|---|")
+    for key, default, doc in describe():
+        print(f"| `{key}` | `{default!r}` | {doc.replace('|', '/')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""The training loop: setup from a config, epochs of SGD steps, evaluation, checkpoints, resume.
+
+``Trainer(cfg).train()`` builds everything first (data, model, optimizer) and
+loads the checkpoint to resume from, so a refused config or checkpoint writes
+nothing into the work directory. The hot path moves the uint8 batch with
+``non_blocking`` copies, applies the data's device transform there, and never
+syncs with the device except at log intervals. The state saved every
+``runtime.ckpt_interval`` epochs (and every ``runtime.ckpt_interval_steps``
+steps, and on SIGTERM/SIGUSR1) is enough to continue bit-for-bit: model,
+optimizer, scheduler, scaler, EMA, epoch/step/iter_in_epoch, per-rank RNG states
+(also those at the start of the epoch, which fix the data loader's seed) and
+the config. The train sampler skips the batches already done in the epoch.
+"""
+import contextlib
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from engine import distributed as du
+from engine.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, check_writable, restore_rng_state
+from engine.config import Config, dump
+from engine.ema import ModelEMA
+from engine.evaluator import autocast_for, evaluate
+from engine.fields import ConfigError
+from engine.guard import NonFiniteError, NonFiniteGuard
+from engine.logger import RunLogger, setup_console
+from engine.meters import SumMeter, Throughput, format_eta
+from engine.optim import IterScheduler, build_optimizer
+from engine.preempt import StopAgreement
+from engine.sampling import set_skip, unwrap_sampler
+from engine.state import resume, seed_everything, training_state
+from engine.syncbn import convert_sync_batchnorm
+
+
+class Trainer:
+    def __init__(self, cfg, model_fn=None):
+        import data as data_lib
+        self.cfg = cfg if isinstance(cfg, Config) else Config(cfg)
+        cfg, rt, tr = self.cfg, self.cfg.runtime, self.cfg.train
+        if rt.work_dir is None:
+            raise ConfigError("runtime.work_dir is not set; pass runtime.work_dir=DIR")
+        self.work_dir = rt.work_dir
+        self.dist = du.init_distributed(cfg.dist, rt.device)
+        self.log = setup_console(self.dist.rank)
+        self.device, world = self.dist.device, self.dist.world_size
+        if tr.batch_size % (world * tr.accum_steps):
+            raise ConfigError(f"train.batch_size={tr.batch_size} is not divisible by world_size x accum_steps = "
+                              f"{world} x {tr.accum_steps}; change train.batch_size or the number of processes")
+        self.batch = tr.batch_size // (world * tr.accum_steps)
+        self.accum = tr.accum_steps
+        self.amp = tr.amp if self.device.type == "cuda" else "none"
+        seed_everything(rt.seed, rt.deterministic, rt.cudnn_benchmark)
+
+        # data
+        ncls = cfg.model.num_classes
+        self.train_set = data_lib.build_dataset(cfg.data, "train", num_classes=ncls)
+        self.val_set = data_lib.build_dataset(cfg.data, "val", num_classes=ncls)
+        dist_on = self.dist.distributed
+        self.train_loader = data_lib.build_loader(self.train_set, cfg.data, "train", self.batch, dist_on, rt.seed)
+        val_batch = max(cfg.eval.batch_size // world, 1)
+        self.val_loader = data_lib.build_loader(self.val_set, cfg.data, "val", val_batch, dist_on, rt.seed)
+        data_cfg = {**cfg.data, "channels_last": cfg.data.channels_last or tr.channels_last}
+        self.train_tf = data_lib.build_device_transform(data_cfg, "train")
+        self.val_tf = data_lib.build_device_transform(data_cfg, "val")
+        for tf in (self.train_tf, self.val_tf):
+            if isinstance(tf, nn.Module):
+                tf.to(self.device)
+        self.iters_per_epoch = len(self.train_loader) // self.accum
+        if self.iters_per_epoch < 1:
+            raise ConfigError(f"the training set ({len(self.train_set)} images) is smaller than one step of "
+                              f"train.batch_size={tr.batch_size}; lower train.batch_size")
+        self.total_steps = tr.epochs * self.iters_per_epoch
+
+        # model (same initial weights on every rank and for every world size), optimizer, EMA
+        if model_fn is None:
+            from models import build_model as model_fn
+        torch.manual_seed(rt.seed)
+        model = model_fn(cfg.model)
+        if dist_on and tr.sync_bn:
+            model = convert_sync_batchnorm(model, self.device.type)
+        model.to(self.device)
+        if tr.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        seed_everything(rt.seed + self.dist.rank, rt.deterministic, rt.cudnn_benchmark)
+        self.optimizer = build_optimizer(model, tr)
+        self.scheduler = IterScheduler(self.optimizer, tr, self.iters_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.ema = ModelEMA(model, tr.ema_decay, tr.ema_every) if tr.ema else None
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
+        self.net = model
+        if dist_on:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, find_unused_parameters=cfg.dist.find_unused_parameters)
+        if tr.compile:
+            self.net = torch.compile(self.net)
+        self.epoch = self.step = self.iter_in_epoch = 0
+        self._timed = (0.0, 0)  # training seconds and steps of this run, for the ETA
+        self.best_metric = None
+        self.rng_epoch_start = None
+        self.stop = StopAgreement()
+        self.ckpt = CheckpointManager(self.work_dir, keep_last=rt.keep_last)
+        self.nonfinite = None if tr.max_nonfinite is None else NonFiniteGuard(tr.max_nonfinite, self.ckpt)
+        resume(self)
+
+        # only now write into the work directory (rank 0; the others learn whether it worked)
+        err = None
+        if self.dist.is_main:
+            try:
+                check_writable(self.work_dir)
+                dump(cfg, os.path.join(self.work_dir, "config.yaml"))
+                setup_console(0, os.path.join(self.work_dir, "log.txt"))
+            except (CheckpointError, OSError) as e:
+                err = str(e)
+        err = self.stop.broadcast(err)
+        if err is not None:
+            raise CheckpointError(err)
+        self.runlog = RunLogger(self.work_dir, self.dist.is_main, rt.tensorboard)
+        self.log.info("config:\n%s", dump(cfg).rstrip())
+        self.log.info("world size %d (%s), device %s, per-process batch %d x %d accumulation, %d steps/epoch",
+                      world, self.dist.backend or "single process", self.device, self.batch, self.accum,
+                      self.iters_per_epoch)
+
+    def state_dict(self):
+        return training_state(self)
+
+    def save(self, tag, metric=None):
+        """Save the full state (all ranks call this; rank 0 writes)."""
+        state = self.state_dict()
+        err, path = None, None
+        if self.dist.is_main:
+            try:
+                path = self.ckpt.save(state, tag, metric=metric)
+            except CheckpointError as e:
+                err = str(e)
+        err, path = self.stop.broadcast((err, path))
+        if err is not None:
+            raise CheckpointError(err)
+        self.log.info("saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def train(self):
+        """Run to ``train.epochs``; returns {'status': 'done'|'preempted'|'max_steps', 'metrics', ...}."""
+        tr, rt = self.cfg.train, self.cfg.runtime
+        status, metrics = "done", None
+        if rt.handle_signals:
+            self.stop.guard.install()
+        try:
+            while self.epoch < tr.epochs:
+                status = self._train_epoch(self.epoch)
+                if status == "preempted":
+                    self.save(f"step_{self.step}")
+                if status != "done":
+                    break
+                self.epoch += 1
+                self.iter_in_epoch = 0
+                last = self.epoch == tr.epochs
+                if (self.cfg.eval.interval and self.epoch % self.cfg.eval.interval == 0) or \
+                        (last and self.cfg.eval.final):
+                    metrics = self.validate()
+                saved = self.epoch % rt.ckpt_interval == 0 or last
+                if saved:
+                    metric = metrics.get(self.cfg.eval.best_metric) if metrics else None
+                    if metric is not None and (self.best_metric is None or metric > self.best_metric):
+                        self.best_metric = metric
+                    self.save(f"epoch_{self.epoch}", metric)
+                if not last and self.stop.poll(sync=True):
+                    if not saved:
+                        self.save(f"epoch_{self.epoch}")
+                    status = "preempted"
+                    break
+        finally:
+            self.stop.close()
+            self.runlog.close()
+        self._summary(status, metrics)
+        return {"status": status, "metrics": metrics, "best_metric": self.best_metric,
+                "epoch": self.epoch, "step": self.step, "checkpoint": self.ckpt.last_saved}
+
+    def _start_epoch(self, epoch):
+        sampler = unwrap_sampler(self.train_loader)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        set_skip(self.train_loader, self.iter_in_epoch * self.accum)
+        if self.iter_in_epoch and self.rng_epoch_start is not None:
+            now = capture_rng_state()
+            restore_rng_state(self.rng_epoch_start)
+            it = iter(self.train_loader)
+            restore_rng_state(now)
+        else:
+            self.rng_epoch_start = capture_rng_state()
+            it = iter(self.train_loader)
+        return it
+
+    def _train_epoch(self, epoch):
+        self.net.train()
+        meter, timer = SumMeter(self.device), Throughput()
+        it, micro = self._start_epoch(epoch), 0
+        images_per_step = self.batch * self.accum * self.dist.world_size
+        if self.iter_in_epoch >= self.iters_per_epoch:
+            return "done"
+        for images, target in it:
+            timer.data_ready()
+            images = images.to(self.device, non_blocking=True)
+            target = target.to(self.device, non_blocking=True)
+            images = self.train_tf(images)
+            micro += 1
+            last_micro = micro == self.accum
+            sync = contextlib.nullcontext() if last_micro or not self.dist.distributed else self.net.no_sync()
+            with sync:
+                with autocast_for(self.device, self.amp):
+                    logits = self.net(images)
+                    loss = self.criterion(logits, target)
+                if self.nonfinite is not None and not self.nonfinite.step_ok(loss, self.step):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    micro = 0
+                    continue
+                scaled = loss / self.accum if self.accum > 1 else loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            meter.add(loss, logits, target)
+            if not last_micro:
+                continue
+            micro = 0
+            self.optimizer_step()
+            self.step += 1
+            self.iter_in_epoch += 1
+            timer.step_done(images_per_step)
+            done = self.iter_in_epoch >= self.iters_per_epoch
+            if self.step % self.cfg.runtime.log_interval == 0 or done:
+                self._log_train(epoch, meter, timer)
+            if self.cfg.runtime.max_steps and self.step >= self.cfg.runtime.max_steps:
+                return "max_steps"
+            if self.stop.poll():
+                return "preempted"
+            every = self.cfg.runtime.ckpt_interval_steps
+            if every and self.step % every == 0 and not done:
+                self.save(f"step_{self.step}")
+            if done:
+                break
+        return "done"
+
+    def optimizer_step(self):
+        clip = self.cfg.train.clip_grad_norm
+        if self.scaler is not None:
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.step + 1)
+
+    def _log_train(self, epoch, meter, timer):
+        du.all_reduce_sum(meter.sums)
+        m, t = meter.read(), timer.read()
+        meter.reset()
+        self._timed = (self._timed[0] + t.pop("elapsed"), self._timed[1] + t.pop("steps"))
+        if not np.isfinite(m["loss"]):
+            raise NonFiniteError(f"training loss is {m['loss']} at step {self.step}; last good checkpoint: "
+                                 f"{self.ckpt.last_saved or self.ckpt.read_pointer() or 'none saved yet'}; lower "
+                                 f"train.lr, set train.clip_grad_norm or train.amp=none, then resume")
+        lr = self.optimizer.param_groups[0]["lr"]
+        eta = format_eta((self.total_steps - self.step) * self._timed[0] / max(self._timed[1], 1))
+        self.log.info(f"epoch {epoch + 1}/{self.cfg.train.epochs} [{self.iter_in_epoch}/{self.iters_per_epoch}] "
+                      f"loss {m['loss']:.4f} top1 {m['top1']:.2f} top5 {m['top5']:.2f} lr {lr:.5g} | "
+                      f"data {t['data_time']:.3f}s step {t['step_time']:.3f}s {t['img_s']:.0f} img/s | eta {eta}")
+        self.runlog.log("train", self.step, {**m, "lr": lr, **t}, epoch=epoch + 1)
+
+    def validate(self):
+        start = time.perf_counter()
+        du.broadcast_buffers(self.model)
+        if self.ema is not None:
+            du.broadcast_buffers(self.ema.module)
+        ev = dict(device=self.device, transform=self.val_tf, amp=self.amp)
+        metrics = evaluate(self.model, self.val_loader, **ev)
+        if self.ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in evaluate(self.ema.module, self.val_loader, **ev).items()
+                            if k != "count"})
+        metrics["time_s"] = time.perf_counter() - start
+        if metrics["count"] != len(self.val_set):
+            self.log.warning("evaluated %d images but the validation set has %d", metrics["count"], len(self.val_set))
+        ema = f" | ema top1 {metrics['ema_top1']:.2f}" if self.ema is not None else ""
+        self.log.info(f"val epoch {self.epoch}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+                      f"loss {metrics['loss']:.4f} ({metrics['count']} images, {metrics['time_s']:.1f}s){ema}")
+        self.runlog.log("val", self.step, metrics, epoch=self.epoch)
+        return metrics
+
+    def _summary(self, status, metrics):
+        if not self.dist.is_main:
+            return
+        if status == "preempted":
+            self.log.info("stopped by %s in epoch %d at iteration %d/%d (step %d); checkpoint %s; run the same "
+                          "command to continue", self.stop.signame or "request", self.epoch + 1, self.iter_in_epoch,
+                          self.iters_per_epoch, self.step, self.ckpt.last_saved)
+            return
+        if status == "done" and metrics is None and self.epoch >= self.cfg.train.epochs:
+            self.log.info("nothing to do: this run already finished its %d epochs", self.epoch)
+        if metrics:
+            self.log.info("final: top1 %.2f top5 %.2f (best %s %.2f)", metrics["top1"], metrics["top5"],
+                          self.cfg.eval.best_metric, self.best_metric if self.best_metric is not None else float("nan"))
+        self.log.info("checkpoint: %s", self.ckpt.last_saved or self.ckpt.latest())
+        if self.ckpt.best_path:
+            self.log.info("best checkpoint: %s", self.ckpt.best_path)
+        if self.cfg.runtime.tensorboard:
+            self.log.info("tensorboard logs: %s  (tensorboard --logdir %s)", self.runlog.tb_dir, self.runlog.tb_dir)
+        self.log.info("metrics: %s", os.path.join(self.work_dir, "metrics.jsonl"))

@@ -1,0 +1,217 @@
+"""Config loading: _base_ inheritance, overrides, defaults, and every kind of refused config."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from engine.config import Config, dump, load_config, merge, parse_override, read_tree
+from engine.fields import ConfigError, Field
+from engine.schema import ENGINE_SCHEMA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small schema of the same shape as the real one (sections of Fields, a free dict, a list of dicts).
+SCHEMA = {
+    "model": {
+        "backbone": Field("resnet50", "backbone"),
+        "num_classes": Field(1000, "classes"),
+        "backbone_args": Field({}, "free-form backbone arguments"),
+        "plugins": Field([], "plug-in list"),
+    },
+    **ENGINE_SCHEMA,
+}
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def load(path, overrides=()):
+    return load_config(path, overrides, schema=SCHEMA)
+
+
+@pytest.fixture
+def chain(tmp_path):
+    write(tmp_path, "_base_/sched.yaml", """
+        train: {epochs: 100, lr: 0.1, milestones: [30, 60, 90], schedule: multistep}
+    """)
+    write(tmp_path, "_base_/model.yaml", """
+        model:
+          backbone: resnet50
+          backbone_args: {zero_init_residual: true, width: 64}
+          plugins: [{type: ce, stages: [1, 2, 3], stem: true}]
+        train: {lr: 0.2, weight_decay: 1e-4}
+    """)
+    return write(tmp_path, "exp/ce.yaml", """
+        _base_: [../_base_/sched.yaml, ../_base_/model.yaml]
+        model:
+          num_classes: 10
+          backbone_args: {width: 32}
+        train: {milestones: [10]}
+    """)
+
+
+# ----------------------------------------------------------------------------- inheritance
+
+def test_base_chain_deep_merges_in_order(chain):
+    cfg = load(chain)
+    assert cfg.model.backbone == "resnet50" and cfg.model.num_classes == 10
+    assert cfg.model.backbone_args == {"zero_init_residual": True, "width": 32}  # dicts merge key by key
+    assert cfg.train.milestones == [10]                    # lists are replaced, not merged
+    assert cfg.train.lr == 0.2                             # later base wins
+    assert cfg.train.epochs == 100 and cfg.train.schedule == "multistep"
+    assert cfg.train.weight_decay == 1e-4 and isinstance(cfg.train.weight_decay, float)  # 1e-4 is a float
+    assert cfg.train.momentum == 0.9 and cfg.runtime.seed == 0   # schema defaults fill the rest
+    assert cfg.model.plugins[0].stages == [1, 2, 3]        # attribute access inside lists
+
+
+def test_nested_bases_and_delete(tmp_path):
+    write(tmp_path, "a.yaml", "model: {backbone_args: {x: 1, y: 2}}\ntrain: {epochs: 5}\n")
+    write(tmp_path, "sub/b.yaml", "_base_: ../a.yaml\ntrain: {lr: 0.5}\n")
+    c = write(tmp_path, "sub/deeper/c.yaml", "_base_: [../b.yaml]\nmodel: {backbone_args: {_delete_: true, z: 3}}\n")
+    cfg = load(c)
+    assert cfg.train.epochs == 5 and cfg.train.lr == 0.5
+    assert cfg.model.backbone_args == {"z": 3}
+
+
+def test_merge_does_not_mutate():
+    a = {"x": {"y": [1]}}
+    b = {"x": {"z": 2}}
+    out = merge(a, b)
+    assert out == {"x": {"y": [1], "z": 2}} and a == {"x": {"y": [1]}}
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def test_overrides_typed_nested_and_indexed(chain):
+    cfg = load(chain, ["train.lr=0.05", "train.nesterov=true", "train.milestones=[3, 6]",
+                       "model.plugins.0.stages=[1,2]", "model.plugins.0.group_channels=8",
+                       "model.backbone_args.width_mult=0.5", "runtime.work_dir=/tmp/x y",
+                       "train.clip_grad_norm=null", "train.epochs=7", "train.clip_grad_norm=1e1"])
+    assert cfg.train.lr == 0.05 and cfg.train.nesterov is True and cfg.train.milestones == [3, 6]
+    assert cfg.model.plugins[0].stages == [1, 2] and cfg.model.plugins[0].group_channels == 8
+    assert cfg.model.plugins[0].type == "ce" and cfg.model.plugins[0].stem is True
+    assert cfg.model.backbone_args.width_mult == 0.5 and cfg.model.backbone_args.width == 32
+    assert cfg.runtime.work_dir == "/tmp/x y" and cfg.train.epochs == 7 and cfg.train.clip_grad_norm == 10.0
+
+
+def test_override_of_default_only_key(tmp_path):
+    cfg = load(write(tmp_path, "e.yaml", "{}\n"), ["model.plugins=[{type: se}]", "model.plugins.0.reduction=8"])
+    assert cfg.model.plugins == [{"type": "se", "reduction": 8}]
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a={x: 1}") == (["a"], {"x": 1})
+    assert parse_override("a=off") == (["a"], False)  # YAML 1.1 booleans
+    assert parse_override("a=") == (["a"], "")
+
+
+def test_dump_round_trip(chain, tmp_path):
+    cfg = load(chain, ["model.plugins.0.stages=[2]"])
+    out = str(tmp_path / "resolved.yaml")
+    dump(cfg, out)
+    again = load(out)
+    assert again == cfg and isinstance(again, Config)
+    assert type(cfg.to_dict()["model"]) is dict and type(cfg.to_dict()["model"]["plugins"][0]) is dict
+
+
+def test_attribute_error_names_nearest(chain):
+    cfg = load(chain)
+    with pytest.raises(AttributeError, match="did you mean 'lr'"):
+        cfg.train.lrr
+
+
+# ----------------------------------------------------------------------------- refusals
+
+REFUSED_FILES = [
+    ("trian: {lr: 0.1}\n", r"unknown key 'trian' \(did you mean 'train'\?\)"),
+    ("train: {lr_rate: 0.1}\n", r"unknown key 'train.lr_rate' \(did you mean 'train.lr'\?\)"),
+    ("train: {epochs: ten}\n", r"train.epochs must be an integer, got 'ten'"),
+    ("train: {epochs: 1.5}\n", r"train.epochs must be an integer"),
+    ("train: {nesterov: 1}\n", r"train.nesterov must be true/false"),
+    ("train: {epochs: true}\n", r"train.epochs must be an integer, got True"),
+    ("train: {lr: null}\n", r"train.lr must not be null"),
+    ("train: {schedule: cosin}\n", r"train.schedule='cosin' is not one of .*did you mean 'cosine'"),
+    ("train: {milestones: [30, x]}\n", r"train.milestones.1='x'"),
+    ("train: {lr: -0.1}\n", r"train.lr=-0.1 must be > 0"),
+    ("train: {wd_exempt: [norm, biass]}\n", r"train.wd_exempt: 'biass'"),
+    ("train: 3\n", r"train must be a mapping"),
+    ("train: {ema: false}\neval: {best_metric: ema_top1}\n", r"needs train.ema=true"),
+    ("train: {schedule: multistep, milestones: [60, 30]}\n", r"must be increasing"),
+    ("train: {batch_size: 10, accum_steps: 3}\n", r"not divisible"),
+    ("- a\n- b\n", r"top level must be a mapping"),
+    ("train: {lr: 0.1\n", r"invalid YAML"),
+    ("train: {lr: 0.1}\ntrain: {lr: 0.2}\n", r"key 'train' is given twice"),
+    ("train: !!python/object/apply:os.system ['echo hi']\n", r"invalid YAML"),
+    ("_base_: {a: 1}\n", r"_base_ must be a list"),
+    ("_base_: [missing.yaml]\n", r"missing.yaml not found \(named in"),
+]
+
+
+@pytest.mark.parametrize("text,pattern", REFUSED_FILES, ids=[p for _, p in REFUSED_FILES])
+def test_refused_files(tmp_path, text, pattern):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_refused_cycle_and_missing(tmp_path):
+    write(tmp_path, "a.yaml", "_base_: [b.yaml]\n")
+    b = write(tmp_path, "b.yaml", "_base_: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load(b)
+    with pytest.raises(ConfigError, match="not found"):
+        load(str(tmp_path / "nope.yaml"))
+
+
+REFUSED_OVERRIDES = [
+    ("train.lr", r"not of the form key.sub=value"),
+    ("=3", r"not of the form"),
+    ("train..lr=3", r"not of the form"),
+    ("train.lrr=0.1", r"unknown key 'train.lrr' \(did you mean 'train.lr'\?\)"),
+    ("train.epochs=abc", r"train.epochs must be an integer"),
+    ("train.milestones=[1, 2", r"invalid YAML"),
+    ("model.plugins.3.stages=[1]", r"index 3 is out of range for model.plugins \(1 items\)"),
+    ("model.plugins.x=1", r"model.plugins is a list, 'x' is not an index"),
+    ("train.lr.x=1", r"train.lr is a float, not a mapping"),
+]
+
+
+@pytest.mark.parametrize("override,pattern", REFUSED_OVERRIDES, ids=[o for o, _ in REFUSED_OVERRIDES])
+def test_refused_overrides(chain, override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load(chain, [override])
+
+
+def test_read_tree_keeps_unknown_for_validation(tmp_path):
+    # read_tree alone does no schema work: tools can inspect raw files
+    assert read_tree(write(tmp_path, "x.yaml", "foo: {bar: 1}\n")) == {"foo": {"bar": 1}}
+
+
+# ----------------------------------------------------------------------------- real schema + CLI
+
+def test_real_schema_documents_every_key():
+    from engine.schema import describe
+    rows = describe()
+    keys = [k for k, _, _ in rows]
+    assert {"train.lr", "eval.interval", "runtime.work_dir", "dist.backend", "model.backbone"} <= set(keys)
+    assert all(doc.strip() for _, _, doc in rows)
+
+
+def test_cli_refuses_bad_override_and_writes_nothing(tmp_path):
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "keep.txt").write_text("old run")
+    r = subprocess.run([sys.executable, "-m", "tools.train", "configs/default.yaml", f"runtime.work_dir={work}",
+                        "train.lrr=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "unknown key 'train.lrr'" in lines[0] and "did you mean" in lines[0]
+    assert sorted(os.listdir(work)) == ["keep.txt"]
