@@ -1,0 +1,194 @@
+"""Preemption and non-finite-loss guards for the training loop, and the exit codes of tools/train.py.
+
+Exit codes (documented in the README's troubleshooting section):
+
+====  ==================  ====================================================================
+code  name                meaning
+====  ==================  ====================================================================
+0     EXIT_OK             training finished
+1     EXIT_ERROR          unexpected error (a bug: the traceback is printed)
+2     EXIT_USAGE          bad config, override, path, checkpoint or dataset (one-line message)
+3     EXIT_NONFINITE      loss was nan/inf for more than ``train.max_nonfinite`` steps in a row
+74    EXIT_IO             a checkpoint could not be written (disk full, permissions); EX_IOERR
+75    EXIT_PREEMPTED      SIGTERM/SIGUSR1 received: a checkpoint of the current step was saved;
+                          run the same command again to resume (EX_TEMPFAIL: "try again")
+====  ==================  ====================================================================
+
+Usage in a training loop::
+
+    with PreemptionGuard() as preempt:
+        for step ...:
+            loss = ...
+            if not nonfinite.step_ok(loss, step):   # all ranks agree; skip the update
+                optimizer.zero_grad(set_to_none=True); continue
+            ...
+            if preempt.should_stop():               # all ranks agree on the same step
+                manager.save(state, f'step_{step}'); sys.exit(EXIT_PREEMPTED)
+"""
+import logging
+import math
+import os
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+EXIT_IO = 74
+EXIT_PREEMPTED = 75
+
+
+def _dist_active():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _reduce_device():
+    if dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+class PreemptionGuard:
+    """Turn SIGTERM / SIGUSR1 (cluster preemption, ``scancel``, SLURM ``--signal``) into a flag.
+
+    The handlers only set a flag; the loop polls :meth:`should_stop` once per step,
+    saves a checkpoint of the current step and exits with :data:`EXIT_PREEMPTED`.
+    A second signal of the same kind while the flag is set restores the default
+    action and re-raises it (kill now: the atomic save keeps earlier checkpoints
+    intact). Handlers are restored on :meth:`uninstall` / leaving the ``with``.
+    Outside the main thread (where Python cannot install handlers) the guard
+    is inert and says so.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1), check_every=1):
+        self.signals = tuple(s for s in signals if s is not None)
+        self.check_every = max(1, int(check_every))
+        self.signum = None
+        self._previous = {}
+        self._calls = 0
+        self._stop = False
+
+    @property
+    def requested(self):
+        """True once a signal arrived in this process (no communication with other ranks)."""
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == self.signum:
+            log.warning('second %s: stopping immediately', signal.Signals(signum).name)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        log.warning('received %s: will save a checkpoint at the end of this step and exit with code %d',
+                    signal.Signals(signum).name, EXIT_PREEMPTED)
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            log.warning('PreemptionGuard: not in the main thread, signals are not handled')
+            return self
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def uninstall(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.uninstall()
+        return False
+
+    def should_stop(self):
+        """True when this process or (in distributed runs) any rank got a signal.
+
+        Distributed: every ``check_every`` calls all ranks all-reduce the flag, so
+        they stop at the same step (call it on every rank, at the same place).
+        Once True it stays True.
+        """
+        if self._stop:
+            return True
+        self._calls += 1
+        local = self.requested
+        if _dist_active():
+            if self._calls % self.check_every:
+                return False
+            flag = torch.tensor([1.0 if local else 0.0], device=_reduce_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            local = bool(flag.item() > 0)
+        self._stop = local
+        return local
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped because the loss stayed nan/inf; the message names the step and the last good checkpoint."""
+
+
+class NonFiniteGuard:
+    """Skip optimizer updates whose loss is nan/inf; stop after ``max_skips`` in a row.
+
+    ``step_ok(loss, step)`` returns True when the loss is finite (take the step),
+    False when the update should be skipped (zero the grads, do not step the
+    optimizer or scheduler), and raises :class:`NonFiniteError` on the
+    ``max_skips + 1``-th consecutive bad step. ``max_skips=0`` stops at the first.
+    In distributed runs the flag is all-reduced so that every rank skips the same
+    steps (a rank that skipped backward alone would hang DDP): call it on every
+    rank before ``backward``. ``checkpoints`` (a CheckpointManager, or a callable
+    returning a path) names the last good checkpoint in the message.
+    """
+
+    def __init__(self, max_skips=3, checkpoints=None):
+        if max_skips < 0:
+            raise ValueError(f'max_skips must be >= 0, got {max_skips}')
+        self.max_skips = int(max_skips)
+        self.checkpoints = checkpoints
+        self.consecutive = 0
+        self.total = 0
+        self.last_good_step = None
+
+    def _last_checkpoint(self):
+        c = self.checkpoints
+        if c is None:
+            return None
+        if callable(c):
+            return c()
+        return getattr(c, 'last_saved', None) or c.read_pointer()
+
+    def step_ok(self, loss, step):
+        if isinstance(loss, torch.Tensor):
+            finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+            if _dist_active():
+                finite = finite.to(_reduce_device())
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            ok = bool(finite.item() > 0)
+            value = None if ok or loss.numel() != 1 else float(loss.detach())
+        else:
+            ok = math.isfinite(float(loss))
+            value = float(loss)
+        if ok:
+            self.consecutive = 0
+            self.last_good_step = step
+            return True
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive > self.max_skips:
+            last = self._last_checkpoint()
+            what = 'non-finite' if value is None or math.isfinite(value) else repr(value)
+            raise NonFiniteError(
+                f'loss was {what} at step {step}, {self.consecutive} steps in a row '
+                f'(limit train.max_nonfinite={self.max_skips}); last finite step {self.last_good_step}; '
+                f'last good checkpoint: {last or "none saved yet"}; lower the lr, add grad clipping '
+                'or disable amp, then resume from it')
+        log.warning('loss is not finite at step %s: skipping this update (%d in a row, limit %d)',
+                    step, self.consecutive, self.max_skips)
+        return False

@@ -1,0 +1,207 @@
+"""engine/hub.py and the model zoo: resolving paths, names and URLs; hashes; export round trip."""
+import hashlib
+import os
+
+import pytest
+import torch
+import yaml
+
+from engine import hub
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.hub import HubError, resolve_checkpoint
+from tools import zoo_table
+
+
+def _weights(tmp_path, name='net', value=1.0):
+    """A small state dict saved under ``<name>-<sha256[:8]>.pth``; returns (path, full sha256)."""
+    tmp = tmp_path / 'src.pth'
+    torch.save({'w': torch.full((16,), value)}, tmp)
+    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    path = tmp_path / f'{name}-{sha[:8]}.pth'
+    tmp.rename(path)
+    return path, sha
+
+
+def _no_tmp(directory):
+    return not any(n.endswith('.tmp') for n in os.listdir(directory)) if os.path.isdir(directory) else True
+
+
+def test_existing_path_is_returned_as_is(tmp_path):
+    path, _ = _weights(tmp_path)
+    assert resolve_checkpoint(str(path)) == str(path)
+    with pytest.raises(HubError, match='is a directory'):
+        resolve_checkpoint(str(tmp_path))
+    with pytest.raises(HubError, match=r'checkpoint .*nope\.pth not found'):
+        resolve_checkpoint(str(tmp_path / 'nope.pth'))
+
+
+def test_file_url_is_downloaded_verified_and_cached(tmp_path):
+    path, _ = _weights(tmp_path)
+    cache = tmp_path / 'cache'
+    local = resolve_checkpoint(path.as_uri(), cache_dir=str(cache))
+    assert local == str(cache / 'checkpoints' / path.name)
+    assert torch.equal(load_checkpoint(local)['w'], torch.ones(16))
+    path.unlink()  # the second call is served from the cache
+    assert resolve_checkpoint(path.as_uri(), cache_dir=str(cache)) == local
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    path, _ = _weights(tmp_path)
+    monkeypatch.setenv('BLOCKLAB_CACHE', str(tmp_path / 'envcache'))
+    assert resolve_checkpoint(path.as_uri()).startswith(str(tmp_path / 'envcache'))
+
+
+def test_hash_mismatch_deletes_and_refuses(tmp_path):
+    path, sha = _weights(tmp_path)
+    bad = tmp_path / 'net-deadbeef.pth'
+    path.rename(bad)
+    cache = tmp_path / 'cache'
+    with pytest.raises(HubError, match=r'sha256 mismatch for .*net-deadbeef\.pth: expected deadbeef.*deleted'):
+        resolve_checkpoint(bad.as_uri(), cache_dir=str(cache))
+    assert not (cache / 'checkpoints' / bad.name).exists() and _no_tmp(cache / 'checkpoints')
+    with pytest.raises(HubError, match='sha256 mismatch'):  # a #sha256= fragment is checked as well
+        resolve_checkpoint(bad.as_uri() + '#sha256=' + 'ab' * 32, cache_dir=str(cache))
+    local = resolve_checkpoint(bad.as_uri() + '#sha256=' + sha, cache_dir=str(cache))
+    assert os.path.isfile(local)
+
+
+def test_tampered_cache_is_downloaded_again(tmp_path):
+    path, _ = _weights(tmp_path)
+    cache = tmp_path / 'cache'
+    local = resolve_checkpoint(path.as_uri(), cache_dir=str(cache))
+    with open(local, 'r+b') as f:
+        f.seek(100)
+        f.write(b'XX')
+    assert resolve_checkpoint(path.as_uri(), cache_dir=str(cache)) == local
+    assert hashlib.sha256(open(local, 'rb').read()).hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_url_without_hash_warns(tmp_path, caplog):
+    plain = tmp_path / 'plain.pth'
+    torch.save({'w': torch.ones(1)}, plain)
+    assert os.path.isfile(resolve_checkpoint(plain.as_uri(), cache_dir=str(tmp_path / 'c')))
+    assert 'not verified' in caplog.text
+
+
+def test_unreachable_url(tmp_path):
+    with pytest.raises(HubError, match=r'could not download file://.*missing-12345678\.pth'):
+        resolve_checkpoint((tmp_path / 'missing-12345678.pth').as_uri(), cache_dir=str(tmp_path / 'c'))
+    assert _no_tmp(tmp_path / 'c' / 'checkpoints')
+
+
+def _index(tmp_path, entries):
+    index = tmp_path / 'zoo' / 'index.yaml'
+    index.parent.mkdir(exist_ok=True)
+    hub.save_index(entries, str(index))
+    return str(index)
+
+
+def test_zoo_name_file_and_url_entries(tmp_path):
+    (tmp_path / 'zoo').mkdir()
+    path, sha = _weights(tmp_path / 'zoo', 'tiny')
+    index = _index(tmp_path, {'tiny': {'file': path.name, 'sha256': sha},
+                              'remote': {'url': path.as_uri(), 'sha256': sha},
+                              'broken': {'file': 'gone.pth'}})
+    assert resolve_checkpoint('tiny', index=index) == str(path)
+    cache = str(tmp_path / 'cache')
+    assert resolve_checkpoint('remote', cache_dir=cache, index=index).startswith(cache)
+    with pytest.raises(HubError, match="did you mean 'tiny'"):
+        resolve_checkpoint('tiyn', index=index)
+    with pytest.raises(HubError, match="entry 'broken' has no url and its file 'gone.pth' is missing"):
+        resolve_checkpoint('broken', index=index)
+
+
+def test_zoo_file_with_wrong_hash_is_deleted(tmp_path):
+    (tmp_path / 'zoo').mkdir()
+    path, sha = _weights(tmp_path / 'zoo', 'tiny')
+    index = _index(tmp_path, {'tiny': {'file': path.name, 'sha256': '0' * 64}})
+    with pytest.raises(HubError, match="sha256 mismatch for model zoo entry 'tiny'"):
+        resolve_checkpoint('tiny', index=index)
+    assert not path.exists()
+
+
+def test_bad_index(tmp_path):
+    index = tmp_path / 'index.yaml'
+    index.write_text('models: [a, b]\n')
+    with pytest.raises(HubError, match='`models` must be a mapping'):
+        resolve_checkpoint('a', index=str(index))
+    index.write_text('models: {a: 1\n')
+    with pytest.raises(HubError, match='is not valid YAML'):
+        resolve_checkpoint('a', index=str(index))
+
+
+def test_repository_zoo_table_is_in_sync():
+    """model_zoo/MODEL_ZOO.md must be what tools.zoo_table generates from model_zoo/index.yaml."""
+    assert zoo_table.in_sync(hub.DEFAULT_INDEX), 'run python -m tools.zoo_table'
+    for name, entry in hub.load_index(hub.DEFAULT_INDEX).items():
+        assert {'config', 'sha256', 'metrics', 'params', 'gflops'} <= set(entry), name
+        assert entry.get('file') or entry.get('url'), name
+        assert os.path.isfile(os.path.join(hub.REPO_ROOT, entry['config'])), name
+
+
+def test_zoo_table_render(tmp_path):
+    index = _index(tmp_path, {'m': {'config': 'configs/x.yaml', 'file': 'weights/m-12345678.pth',
+                                    'sha256': '12345678' + '0' * 56, 'metrics': {'top1': 76.13},
+                                    'params': 25557032, 'gflops': 4.09, 'published': {'top1': 76.1}}})
+    zoo_table.write(index)
+    text = (tmp_path / 'zoo' / 'MODEL_ZOO.md').read_text()
+    assert '| m | [configs/x.yaml](../configs/x.yaml) | 76.13 | - | 76.10 | 25.56 | 4.09 |' in text
+    assert zoo_table.in_sync(index)
+    hub.save_index({}, index)
+    assert not zoo_table.in_sync(index)
+    assert zoo_table.main(['--index', index, '--check']) == 1
+
+
+# ----------------------------------------------------------------------------- export round trip
+
+TINY_CONFIG = """
+model: {backbone: cifar_resnet20, num_classes: 10}
+data: {dataset: synthetic, input_size: 32}
+"""
+
+
+def test_export_roundtrip(tmp_path):
+    pytest.importorskip('data.schema', reason='needs the data package')
+    from engine.config import load_config
+    from models import build_model
+    from tools import export
+    config = tmp_path / 'tiny.yaml'
+    config.write_text(TINY_CONFIG)
+    model = build_model(load_config(str(config)).model)
+    ema = build_model(load_config(str(config)).model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(1.0)
+    ckpt = tmp_path / 'work' / 'checkpoints' / 'best.pth'
+    save_checkpoint({'model': {'module.' + k: v for k, v in model.state_dict().items()},
+                     'ema': {'module': ema.state_dict(), 'updates': 3}, 'epoch': 7, 'step': 70}, ckpt)
+    (tmp_path / 'zoo').mkdir()
+    index = str(tmp_path / 'zoo' / 'index.yaml')
+    assert export.main([str(ckpt), '--name', 'tiny_r20', '--config', str(config), '--index', index,
+                        '--metrics', 'top1=12.5', '--published', 'top1=91.3', '--ema',
+                        '--url-prefix', (tmp_path / 'server').as_uri()]) == 0
+    entry = yaml.safe_load(open(index))['models']['tiny_r20']
+    assert entry['metrics'] == {'top1': 12.5} and entry['published'] == {'top1': 91.3} and entry['ema'] is True
+    assert entry['params'] == sum(p.numel() for p in model.parameters()) and entry['gflops'] > 0
+    file = tmp_path / 'zoo' / entry['file']
+    assert file.name == f"tiny_r20-{entry['sha256'][:8]}.pth"
+    assert hashlib.sha256(file.read_bytes()).hexdigest() == entry['sha256']
+    assert zoo_table.in_sync(index)
+    # by name: the local file (hash checked), then, once it is gone, the url (downloaded, hash checked)
+    server = tmp_path / 'server'
+    local = resolve_checkpoint('tiny_r20', index=index)
+    assert local == str(file)
+    server.mkdir()
+    file.rename(server / file.name)
+    downloaded = resolve_checkpoint('tiny_r20', index=index, cache_dir=str(tmp_path / 'c'))
+    assert downloaded.startswith(str(tmp_path / 'c'))
+    for path in (server / file.name, downloaded):
+        state = load_checkpoint(path)
+        assert set(state) == set(ema.state_dict())
+        assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
+    # same name again needs --force; a checkpoint that does not fit the config is refused
+    assert export.main([str(ckpt), '--name', 'tiny_r20', '--config', str(config), '--index', index]) == 2
+    other = tmp_path / 'other.yaml'
+    other.write_text(TINY_CONFIG.replace('num_classes: 10', 'num_classes: 7'))
+    assert export.main([str(ckpt), '--name', 'x', '--config', str(other), '--index', index]) == 2
+    assert list(yaml.safe_load(open(index))['models']) == ['tiny_r20']
