@@ -1,0 +1,119 @@
+"""Issue-2 block costs, side by side in one run on the same inputs.
+
+    python -m benchmarks.bench_blocks --original /tmp/CENet --out benchmarks/results/blocks_cpu.md
+
+(a) the CE module forward+backward against the original CENet module (patched in memory only
+    enough to run on current PyTorch; pass its checkout with --original or $CENET_ROOT) at
+    ResNet-50 shapes (benchmarks/bench_ce.py);
+(b) a full training step (forward, cross-entropy, backward, SGD) of ResNet-50 against CE-, ED-,
+    WE- and SE-ResNet-50;
+(c) WE-ResNet-50 inference before and after ``fold_we`` against plain ResNet-50.
+Models are timed interleaved, round after round, and each ratio is a ratio of medians of the
+same rounds. Goals: CE module >= 2x the original; training step CE <= 1.15x, WE <= 1.10x plain;
+folded WE inference 1.00x plain.
+"""
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+
+import torch
+
+from benchmarks import bench_ce
+from blocks.we import fold_we
+from models import build_model
+from tools.bench_utils import infer_step_fn, make_optimizer, synthetic_batch, train_step_fn
+
+MODELS = {
+    "resnet50": {"backbone": "resnet50"},
+    "ce_resnet50": {"backbone": "resnet50", "plugins": [{"type": "ce", "stages": [1, 2, 3], "stem": True}]},
+    "ed_resnet50": {"backbone": "resnet50", "plugins": [{"type": "ed", "position": "parallel"}]},
+    "we_resnet50": {"backbone": "resnet50", "conv": {"type": "we"}},
+    "se_resnet50": {"backbone": "resnet50", "plugins": [{"type": "se"}]},
+}
+
+
+def interleaved(steps, x, y, rounds, warmup=2):
+    """Median seconds per step of each callable, timed one after another in every round."""
+    import time
+    for step in steps.values():
+        for _ in range(warmup):
+            step(x, y)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step(x, y)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def ratio_table(medians, base="resnet50", goals=None):
+    goals = goals or {}
+    rows = ["| model | ms / step | vs plain ResNet-50 | goal |", "|---|---:|---:|---|"]
+    for name, t in medians.items():
+        rows.append(f"| {name} | {t * 1e3:.1f} | {t / medians[base]:.2f}x | {goals.get(name, '')} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--original", default=os.environ.get("CENET_ROOT"), help="CENet checkout for (a)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--input-size", type=int, default=112)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", help="write the three tables here (markdown)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    sections = [f"Command: `python -m benchmarks.bench_blocks {' '.join(argv if argv is not None else sys.argv[1:])}`",
+                f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), batch {args.batch}, "
+                f"load average {load:.1f} on {os.cpu_count()} cores at start; medians of {args.rounds} interleaved rounds."]
+
+    print("(a) CE module vs the original CENet module")
+    orig_cls = bench_ce.load_original(args.original) if args.original else None
+    if orig_cls is None:
+        print("    original not given (git clone https://github.com/Tangshitao/CENet; --original PATH): ours only")
+    head = ("| shape | ours train f+b ms | original train f+b ms | speed-up | ours eval ms | original eval ms "
+            "| speed-up |\n|---|---|---|---|---|---|---|")
+    print(head)
+    sections.append("### (a) CE module vs the original (goal: >= 2x)\n\n" + head + "\n"
+                    + "\n".join(bench_ce.table(orig_cls, args.batch, args.rounds)))
+
+    print(f"\n(b) training step at {args.input_size}x{args.input_size}")
+    torch.manual_seed(0)
+    x, y = synthetic_batch(args.batch, args.input_size, 1000, device, False)
+    train = {}
+    for name, cfg in MODELS.items():
+        model = build_model(cfg)
+        train[name] = train_step_fn(model, make_optimizer(model, args.batch), device, "fp32")
+    table_b = ratio_table(interleaved(train, x, y, args.rounds),
+                          goals={"ce_resnet50": "<= 1.15x", "we_resnet50": "<= 1.10x"})
+    print(table_b)
+    sections.append("### (b) training step, ResNet-50 family\n\n" + table_b)
+    del train
+
+    print("\n(c) WE-ResNet-50 inference before and after fold()")
+    plain = build_model(MODELS["resnet50"]).eval()
+    we = build_model(MODELS["we_resnet50"]).eval()
+    folded = fold_we(copy.deepcopy(we)).eval()
+    with torch.no_grad():
+        err = ((folded(x) - we(x)).abs().max() / we(x).abs().max()).item()
+    infer = {"resnet50": infer_step_fn(plain, device, "fp32"), "we_resnet50": infer_step_fn(we, device, "fp32"),
+             "we_resnet50 folded": infer_step_fn(folded, device, "fp32")}
+    table_c = ratio_table(interleaved(infer, x, y, args.rounds), goals={"we_resnet50 folded": "1.00x"})
+    table_c += f"\n\nfolded vs unfolded outputs: max relative difference {err:.1e}"
+    print(table_c)
+    sections.append("### (c) WE-ResNet-50 inference, folded\n\n" + table_c)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# Block costs on CPU (issue 2)\n\n" + "\n\n".join(sections) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
