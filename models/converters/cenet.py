@@ -21,7 +21,8 @@ with ``ce1`` -> ``stem_ce`` and ``layerX.Y.ce`` unchanged. Build the model with 
 1-3 and after the stem (group size 64 there, 16 in the blocks) to load one strictly.
 """
 import re
-from collections.abc import Mapping
+
+from models.weights import unwrap_state_dict
 
 _CE_KEY = re.compile(
     r"^(?P<module>(?:.+\.)?ce1?)\."
@@ -39,13 +40,6 @@ _PARAMS = {
 }
 
 
-def _unwrap(state_dict):
-    if isinstance(state_dict.get("state_dict"), Mapping):
-        state_dict = state_dict["state_dict"]
-    for prefix in ("module.", "_orig_mod."):
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
 
 
 def _rename(key):
@@ -59,13 +53,13 @@ def _rename(key):
 
 def detect(state_dict):
     """True when ``state_dict`` holds CENet CE tensors (``...ce.AR.running_scale``, ``...ce.x_weight``)."""
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     return any(_rename(k) is not None and k.endswith(("AR.running_scale", "x_weight")) for k in sd)
 
 
 def convert(state_dict, model=None):
     """Rename CENet keys to ours (``model`` is not needed); ``running_wm`` is made contiguous."""
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     out = {}
     for key, value in sd.items():
         new = _rename(key)

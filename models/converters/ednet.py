@@ -22,7 +22,8 @@ The SE fc weights are reshaped to the model's (1x1 conv) shapes. Build the targe
 ED plugin (ED-ResNeXt-32x4d), plus ``{type: se}`` for the ED-SE models.
 """
 import re
-from collections.abc import Mapping
+
+from models.weights import unwrap_state_dict
 
 _BLOCK = re.compile(r"^layer(?P<n>\d)\.layer(?P=n)_block_(?P<i>\d+)\.(?P<rest>.+)$")
 _RENAMES = (
@@ -36,18 +37,11 @@ _RENAMES = (
 _SE_FCS = {"fc_reduction": 0, "fc_extention": 1}
 
 
-def _unwrap(state_dict):
-    if isinstance(state_dict.get("state_dict"), Mapping):
-        state_dict = state_dict["state_dict"]
-    for prefix in ("module.", "_orig_mod."):
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
 
 
 def detect(state_dict):
     """True when ``state_dict`` has ED-Net block names (``layerN.layerN_block_i.conv_conv1...``)."""
-    return any(_BLOCK.match(k) for k in _unwrap(state_dict))
+    return any(_BLOCK.match(k) for k in unwrap_state_dict(state_dict))
 
 
 def _se_targets(own, block):
@@ -81,7 +75,7 @@ def convert(state_dict, model=None):
     """
     own = model.state_dict() if model is not None else {}
     out = {}
-    for key, value in _unwrap(state_dict).items():
+    for key, value in unwrap_state_dict(state_dict).items():
         new = _rename(key, own)
         target = own.get(new)
         if target is not None and value.shape != target.shape and value.numel() == target.numel():

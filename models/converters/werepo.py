@@ -24,17 +24,12 @@ warning says so when the model has MWE or WS switched on.
 """
 import re
 import warnings
-from collections.abc import Mapping
+
+from models.weights import unwrap_state_dict
 
 _LWE_KEY = re.compile(r"^(?P<conv>.+)\.(?P<fc>fc[12])\.(?P<param>weight|bias)$")
 
 
-def _unwrap(state_dict):
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
 
 
 def _lwe_match(key, state_dict):
@@ -48,13 +43,13 @@ def _lwe_match(key, state_dict):
 
 def detect(state_dict):
     """True when ``state_dict`` has WE-repo LWE keys (``<conv>.fc1.weight`` beside a 4-D ``<conv>.weight``)."""
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     return any(_lwe_match(k, sd) for k in sd)
 
 
 def convert(state_dict, model=None):
     """Rename WE-repo keys to ours; LWE weights are reshaped to the model's shapes ((h, C_in/g))."""
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     targets = model.state_dict() if model is not None else {}
     out = {}
     for key, value in sd.items():
