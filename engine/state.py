@@ -13,11 +13,38 @@ import random
 import numpy as np
 import torch
 
-from engine.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
+from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.ema import ModelEMA
 from engine.fields import ConfigError
 
 ARCH_KEYS = ("backbone", "num_classes", "backbone_args", "conv", "plugins")
+
+
+def capture_rng_state():
+    """Python, numpy, torch CPU and CUDA generator states as plain containers."""
+    np_state = np.random.get_state()
+    state = {'python': random.getstate(),
+             'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    """Inverse of :func:`capture_rng_state` (missing entries are left alone)."""
+    if 'python' in state:
+        py = state['python']
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if 'numpy' in state:
+        kind, key, *rest = state['numpy']
+        key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+        np.random.set_state((kind, key.astype(np.uint32), *rest))
+    if 'torch' in state:
+        torch.set_rng_state(state['torch'].cpu())
+    if state.get('cuda') is not None and torch.cuda.is_available():
+        cuda = list(state['cuda'])[:torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
 def seed_everything(seed, deterministic=False, cudnn_benchmark=True):

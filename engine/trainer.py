@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from engine import distributed as du
-from engine.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, check_writable, restore_rng_state
+from engine.checkpoint import CheckpointError, CheckpointManager, check_writable
 from engine.config import Config, dump
 from engine.ema import ModelEMA
 from engine.evaluator import autocast_for, evaluate
@@ -31,7 +31,7 @@ from engine.meters import SumMeter, Throughput, format_eta
 from engine.optim import IterScheduler, build_optimizer
 from engine.preempt import StopAgreement
 from engine.sampling import set_skip, unwrap_sampler
-from engine.state import resume, seed_everything, training_state
+from engine.state import capture_rng_state, restore_rng_state, resume, seed_everything, training_state
 from engine.syncbn import convert_sync_batchnorm
 
 

@@ -13,6 +13,7 @@ import torch
 
 import engine.checkpoint as ck
 from engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_checkpoint
+from engine.state import capture_rng_state, restore_rng_state
 
 
 def _state(value=1.0, n=8):
@@ -163,9 +164,9 @@ def test_missing_and_directory(tmp_path):
 
 
 def test_rng_state_roundtrip(tmp_path):
-    save_checkpoint({'rng': ck.capture_rng_state()}, tmp_path / 'r.pth')
+    save_checkpoint({'rng': capture_rng_state()}, tmp_path / 'r.pth')
     first = (random.random(), np.random.rand(), torch.rand(1).item())
-    ck.restore_rng_state(load_checkpoint(tmp_path / 'r.pth')['rng'])
+    restore_rng_state(load_checkpoint(tmp_path / 'r.pth')['rng'])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
