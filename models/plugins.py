@@ -7,7 +7,7 @@ order the config lists them.
 """
 from dataclasses import dataclass, field
 
-import blocks
+import blocks  # noqa: F401  (registers the built-in blocks)
 from blocks.registry import get_block, options_of
 
 SPEC_KEYS = ("type", "position", "stages", "stem")
@@ -117,4 +117,4 @@ def init_backbone(model, init_fn):
 
 
 __all__ = ["PluginSpec", "parse_plugins", "attach", "attach_stem", "branch_width", "init_backbone",
-           "SPEC_KEYS", "block_options", "blocks"]
+           "SPEC_KEYS", "block_options"]
