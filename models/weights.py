@@ -75,11 +75,7 @@ def _is_flat(d):
 
 def detect_source(state_dict):
     for name in CONVERTERS:
-        try:
-            mod = importlib.import_module(f"models.converters.{name}")
-        except ModuleNotFoundError:
-            continue
-        if mod.detect(state_dict):
+        if importlib.import_module(f"models.converters.{name}").detect(state_dict):
             return name
     return "blocklab"
 

@@ -161,7 +161,6 @@ data: {dataset: synthetic, input_size: 32}
 
 
 def test_export_roundtrip(tmp_path):
-    pytest.importorskip('data.schema', reason='needs the data package')
     from engine.config import load_config
     from models import build_model
     from tools import export

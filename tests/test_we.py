@@ -9,14 +9,8 @@ import torch.nn.functional as F
 
 from blocks.registry import get_conv
 from blocks.we import WEConv2d, fold_we
+from models import build_model
 from models.converters import werepo
-
-try:
-    from models import build_model
-except ImportError:  # backbones not written yet
-    build_model = None
-
-needs_build_model = pytest.mark.skipif(build_model is None, reason="models.build_model not available")
 
 FLAGS = {
     "lwe": dict(lwe=True, mwe=False, ws=False),
@@ -158,6 +152,17 @@ def _randomize_bn(model):
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
+def assert_folds(model, x):
+    """fold_we(model) gives the same outputs to 1e-5 relative and holds no WE conv; returns it."""
+    with torch.no_grad():
+        y = model(x)
+        folded = fold_we(copy.deepcopy(model))
+        y_folded = folded(x)
+    assert rel(y_folded, y) < 1e-5
+    assert not any(isinstance(m, WEConv2d) for m in folded.modules())
+    return folded
+
+
 def test_fold_small_model():
     torch.manual_seed(0)
 
@@ -167,32 +172,19 @@ def test_fold_small_model():
                              conv(8, 16, 1, bias=True))
     model = net(lambda *a, **k: WEConv2d(*a, ws=True, **k)).eval()
     _randomize_bn(model)
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        y = model(x)
-        folded = fold_we(copy.deepcopy(model))
-        y_folded = folded(x)
-    assert rel(y_folded, y) < 1e-5
-    assert not any(isinstance(m, WEConv2d) for m in folded.modules())
+    folded = assert_folds(model, torch.randn(2, 3, 16, 16))
     assert all(type(m) is nn.Conv2d for m in folded.modules() if isinstance(m, nn.Conv2d))
     assert list(folded.state_dict()) == list(net(nn.Conv2d).state_dict())
     assert not folded.training
     assert type(fold_we(WEConv2d(4, 4, 3))) is nn.Conv2d
 
 
-@needs_build_model
 def test_fold_we_resnet18():
     cfg = {"backbone": "resnet18", "num_classes": 10, "conv": {"type": "we"}, "plugins": []}
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     _randomize_bn(model)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        y = model(x)
-        folded = fold_we(copy.deepcopy(model))
-        y_folded = folded(x)
-    assert rel(y_folded, y) < 1e-5
-    assert not any(isinstance(m, WEConv2d) for m in folded.modules())
+    folded = assert_folds(model, torch.randn(2, 3, 64, 64))
     plain = build_model(dict(cfg, conv={"type": "plain"}))
     assert list(folded.state_dict()) == list(plain.state_dict())
     assert sum(isinstance(m, WEConv2d) for m in model.modules()) == 20  # stem, 16 branch, 3 downsample
@@ -282,7 +274,6 @@ def test_converter_renames_lwe_keys():
     assert sd["fc.weight"].shape == (10, 512)
 
 
-@needs_build_model
 def test_converter_loads_into_we_resnet18():
     ckpt = fake_l_resnet18_checkpoint()
     model = build_model({"backbone": "resnet18", "num_classes": 10,

@@ -210,14 +210,10 @@ def main(argv=None):
     if args.table:
         print("Plain backbones, true multiply-accumulates vs torchvision's published figures:\n")
         print(table(PUBLISHED))
-        try:
-            from blocks.ed import PUBLISHED_GFLOPS as ed_rows
-        except ImportError:
-            ed_rows = None
-        if ed_rows:
-            print("\nED-Net README's GFLOPs table (its counting: transposed convs charged per output "
-                  "pixel, norms 4/element; see `--convention ednet`):\n")
-            print(ednet_table(ed_rows))
+        from blocks.ed import PUBLISHED_GFLOPS
+        print("\nED-Net README's GFLOPs table (its counting: transposed convs charged per output "
+              "pixel, norms 4/element; see `--convention ednet`):\n")
+        print(ednet_table(PUBLISHED_GFLOPS))
         return 0
     if not args.config:
         parser.error("give a config, or --table")
