@@ -144,6 +144,8 @@ class _CentredMoments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dgram, dsum, _dshift, _dxct):
+        if not ctx.needs_input_grad[0]:  # then _Mix left no gradient in the link either
+            return None, None, None
         (xct,) = ctx.saved_tensors
         b, m, d = xct.shape
         link, grad = ctx.link, None

@@ -126,6 +126,30 @@ def test_train_forward_and_gradients_match_reference(c, group, pooling):
     torch.testing.assert_close(m.ir.running_scale, new_state["running_scale"], rtol=1e-10, atol=1e-12)
 
 
+def test_gradients_without_the_shared_buffer_match(monkeypatch):
+    # under torch.compile the two gradient terms wrt x are summed by autograd instead: same result
+    m = make(32, 16)
+    x = batch(3, 32, 6, 5, seed=2).requires_grad_()
+    go = torch.randn(3, 32, 6, 5, dtype=torch.float64)
+    (m(x) * go).sum().backward()
+    linked = [x.grad] + [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(), m.reset_running_stats()
+    monkeypatch.setattr(ce_mod, "_GradLink", lambda: None)
+    x2 = x.detach().clone().requires_grad_()
+    (m(x2) * go).sum().backward()
+    for a, b in zip(linked, [x2.grad] + [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_parameter_gradients_when_the_input_needs_none():
+    m, ref = make(32, 16), make(32, 16)
+    x = batch(3, 32, 6, 5, seed=3)
+    (m(x) ** 2).sum().backward()
+    (ref(x.clone().requires_grad_()) ** 2).sum().backward()
+    for (name, a), b in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-13, msg=name)
+
+
 def test_running_statistics_and_eval_match_reference():
     c, group = 32, 16
     m = make(c, group, seed=3)
