@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from engine import distributed as du
-from engine.checkpoint import CheckpointError, CheckpointManager, check_writable
+from engine.checkpoint import CheckpointError
+from engine.checkpoint_manager import CheckpointManager, check_writable
 from engine.config import Config, dump
 from engine.ema import ModelEMA
 from engine.evaluator import autocast_for, evaluate

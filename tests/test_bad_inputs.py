@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointManager, save_checkpoint
+from engine.checkpoint import save_checkpoint
+from engine.checkpoint_manager import CheckpointManager
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = """model: {backbone: cifar_resnet20, num_classes: 4}

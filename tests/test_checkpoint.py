@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import engine.checkpoint as ck
-from engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_checkpoint
+import engine.checkpoint_manager as ckm
+from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.checkpoint_manager import CheckpointManager
 from engine.state import capture_rng_state, restore_rng_state
 
 
@@ -173,12 +175,12 @@ def test_rng_state_roundtrip(tmp_path):
 # ----------------------------------------------------------------------------- manager
 
 def test_names():
-    assert ck.checkpoint_name('epoch_3') == 'epoch_003.pth'
-    assert ck.checkpoint_name('step_1200') == 'step_0001200.pth'
-    assert ck.checkpoint_name('preempt') == 'preempt.pth'
+    assert ckm.checkpoint_name('epoch_3') == 'epoch_003.pth'
+    assert ckm.checkpoint_name('step_1200') == 'step_0001200.pth'
+    assert ckm.checkpoint_name('preempt') == 'preempt.pth'
     for bad in ('../x', 'best', 'latest', ''):
         with pytest.raises(CheckpointError, match='bad checkpoint tag'):
-            ck.checkpoint_name(bad)
+            ckm.checkpoint_name(bad)
 
 
 def test_manager_keeps_last_k_and_best(tmp_path):
@@ -272,13 +274,13 @@ def test_fault_sleep_hook(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- work dir
 
 def test_check_writable(tmp_path):
-    assert ck.check_writable(tmp_path / 'new' / 'dir', need_bytes=1) > 0
+    assert ckm.check_writable(tmp_path / 'new' / 'dir', need_bytes=1) > 0
     assert _listing(tmp_path / 'new' / 'dir') == []
     with pytest.raises(CheckpointError, match=r'GiB free but a checkpoint needs about'):
-        ck.check_writable(tmp_path, need_bytes=1 << 60)
+        ckm.check_writable(tmp_path, need_bytes=1 << 60)
     (tmp_path / 'afile').write_text('x')
     with pytest.raises(CheckpointError, match='is a file, not a directory'):
-        ck.check_writable(tmp_path / 'afile')
+        ckm.check_writable(tmp_path / 'afile')
 
 
 @pytest.mark.skipif(os.name != 'posix' or os.geteuid() == 0, reason='root can write anywhere')
@@ -288,7 +290,7 @@ def test_check_writable_read_only(tmp_path):
     ro.chmod(0o500)
     try:
         with pytest.raises(CheckpointError, match='is not writable: permission denied'):
-            ck.check_writable(ro)
+            ckm.check_writable(ro)
     finally:
         ro.chmod(0o700)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import guard
-from engine.checkpoint import CheckpointManager
+from engine.checkpoint_manager import CheckpointManager
 from engine.guard import NonFiniteError, NonFiniteGuard, PreemptionGuard
 from tools.fault_inject import compare
 

@@ -38,7 +38,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from engine.checkpoint import FAULT_SLEEP_ENV, CheckpointError, CheckpointManager, load_checkpoint  # noqa: E402
+from engine.checkpoint import FAULT_SLEEP_ENV, CheckpointError, load_checkpoint  # noqa: E402
+from engine.checkpoint_manager import CheckpointManager  # noqa: E402
 
 SETUP_DONE = 'world size'  # the trainer logs this line once built and resumed, before the first step
 CONFIG = """# written by tools/fault_inject.py

@@ -1,0 +1,303 @@
+"""The work directory's checkpoints: the last K, ``best.pth`` and a ``latest`` pointer.
+
+* :class:`CheckpointManager` keeps ``<work_dir>/checkpoints/``: the last K
+  checkpoints, ``best.pth``, a ``latest`` pointer written atomically, and falls
+  back to the previous good checkpoint when the newest cannot be read.
+* :func:`check_writable` checks a work directory before the first training step.
+
+Each file is written and read with :mod:`engine.checkpoint` (atomic, ``weights_only``).
+"""
+import collections
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+
+import torch
+
+from engine.checkpoint import (CheckpointError, _fsync_dir, _host, _why, atomic_write, describe_file,
+                               load_checkpoint, save_checkpoint)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = 'checkpoints'
+LATEST = 'latest'
+BEST = 'best.pth'
+BEST_META = 'best.json'
+
+
+# ----------------------------------------------------------------------------- work directory
+
+def check_writable(work_dir, need_bytes=0):
+    """Fail early (before the first step) if ``work_dir`` cannot hold a checkpoint.
+
+    Creates ``work_dir`` if needed, writes and removes a probe file, and checks
+    that at least ``need_bytes`` are free (pass about twice the checkpoint size:
+    the new file is written before the old one is removed).
+    """
+    work_dir = os.fspath(work_dir)
+    if os.path.exists(work_dir) and not os.path.isdir(work_dir):
+        raise CheckpointError(f'work_dir {work_dir} is a file, not a directory; pick another runtime.work_dir')
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write_probe.', dir=work_dir)
+        try:
+            os.write(fd, b'ok')
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(f'work_dir {work_dir} is not writable: {_why(exc)}') from None
+    free = shutil.disk_usage(work_dir).free
+    if free < need_bytes:
+        raise CheckpointError(f'work_dir {work_dir} has {free / 2**30:.2f} GiB free but a checkpoint needs about '
+                              f'{need_bytes / 2**30:.2f} GiB; free some space or pick another runtime.work_dir')
+    return free
+
+
+# ----------------------------------------------------------------------------- manager
+
+_TAG = re.compile(r'^(epoch|step)_?(\d+)$')
+_SAFE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
+
+
+def checkpoint_name(tag):
+    """'epoch_3' -> 'epoch_003.pth', 'step_1200' -> 'step_0001200.pth', 'final' -> 'final.pth'."""
+    tag = str(tag)
+    if tag.endswith('.pth'):
+        tag = tag[:-4]
+    m = _TAG.match(tag)
+    if m:
+        return f'{m.group(1)}_{int(m.group(2)):0{3 if m.group(1) == "epoch" else 7}d}.pth'
+    if not _SAFE.match(tag) or tag in ('best', LATEST):
+        raise CheckpointError(f'bad checkpoint tag {tag!r}: use epoch_N, step_N or a plain file-name word')
+    return f'{tag}.pth'
+
+
+def _isfinite_model(state):
+    model = state.get('model') if isinstance(state, collections.abc.Mapping) else None
+    if not isinstance(model, collections.abc.Mapping):
+        return None
+    for key, t in model.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
+
+
+class CheckpointManager:
+    """Keeps ``<work_dir>/checkpoints``: last ``keep_last`` checkpoints, ``best.pth`` and a ``latest`` pointer.
+
+    ``save(state, tag, metric)`` writes ``epoch_XXX.pth``/``step_XXXXXXX.pth``
+    atomically, points ``latest`` at it, refreshes ``best.pth`` when ``metric``
+    improves (``mode='max'`` or ``'min'``) and deletes older checkpoints beyond
+    ``keep_last`` (None keeps all). ``latest()`` returns the newest readable
+    checkpoint, warning about and skipping unreadable ones; ``load_latest()``
+    also loads it, falling back further if loading fails.
+    """
+
+    def __init__(self, work_dir, keep_last=3, mode='max', check_finite=True):
+        if keep_last is not None and keep_last < 1:
+            raise CheckpointError(f'keep_last must be >= 1 or None (keep all), got {keep_last}')
+        if mode not in ('max', 'min'):
+            raise CheckpointError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.dir = os.path.join(os.fspath(work_dir), CHECKPOINT_DIR)
+        self.keep_last, self.mode, self.check_finite = keep_last, mode, check_finite
+        self.last_saved = None
+        meta = self._read_best_meta()
+        self.best_metric = meta.get('metric')
+        self.best_source = meta.get('file')
+
+    # -- paths
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    @property
+    def best_path(self):
+        return self.path(BEST) if os.path.isfile(self.path(BEST)) else None
+
+    def checkpoints(self):
+        """Regular checkpoint files, oldest first (by modification time, then name)."""
+        if not os.path.isdir(self.dir):
+            return []
+        names = [n for n in os.listdir(self.dir)
+                 if n.endswith('.pth') and n != BEST and not n.startswith('.')]
+        entries = []
+        for n in names:
+            try:
+                entries.append((os.stat(self.path(n)).st_mtime_ns, n))
+            except FileNotFoundError:
+                pass
+        return [self.path(n) for _, n in sorted(entries)]
+
+    # -- saving
+    def save(self, state, tag, metric=None):
+        """Save ``state`` as checkpoint ``tag``; returns its path. Raises :class:`CheckpointError`."""
+        name = checkpoint_name(tag)
+        path = self.path(name)
+        if self.check_finite:
+            bad = _isfinite_model(state)
+            if bad is not None:
+                raise CheckpointError(f'not saving {path}: model weight {bad} is not finite (nan/inf); '
+                                      f'the last good checkpoint stays {self.last_saved or self.read_pointer()}')
+        os.makedirs(self.dir, exist_ok=True)
+        self._clean_stale_tmp()
+        previous = self.checkpoints()
+        save_checkpoint(state, path)
+        self._make_newest(path, previous)
+        self.last_saved = path
+        atomic_write(self.path(LATEST), lambda f: f.write((name + '\n').encode()))
+        if metric is not None and self._improves(metric):
+            self._save_best(path, name, metric)
+        self._prune(keep=path)
+        return path
+
+    def _make_newest(self, path, previous):
+        """Order is by mtime: make sure ``path`` sorts after every other checkpoint (coarse clocks tie)."""
+        others = [p for p in previous if p != path]
+        if not others:
+            return
+        try:
+            newest = os.stat(others[-1]).st_mtime_ns
+            st = os.stat(path)
+            if st.st_mtime_ns <= newest:
+                os.utime(path, ns=(st.st_atime_ns, newest + 1_000_000))
+        except OSError:
+            pass
+
+    def _improves(self, metric):
+        if self.best_metric is None:
+            return True
+        return metric > self.best_metric if self.mode == 'max' else metric < self.best_metric
+
+    def _save_best(self, path, name, metric):
+        best = self.path(BEST)
+        link = os.path.join(self.dir, f'.{BEST}.link.{_host()}.{os.getpid()}.tmp')
+        try:  # a hard link costs no I/O; os.replace makes it appear atomically
+            if os.path.lexists(link):
+                os.remove(link)
+            os.link(path, link)
+            os.replace(link, best)
+            _fsync_dir(self.dir)
+        except OSError:  # filesystems without hard links: copy
+            if os.path.lexists(link):
+                os.remove(link)
+
+            def copy(f):
+                with open(path, 'rb') as src:
+                    shutil.copyfileobj(src, f, 1 << 22)
+            atomic_write(best, copy)
+        self.best_metric, self.best_source = float(metric), name
+        meta = json.dumps({'file': name, 'metric': float(metric), 'mode': self.mode})
+        atomic_write(self.path(BEST_META), lambda f: f.write(meta.encode() + b'\n'))
+
+    def _read_best_meta(self):
+        try:
+            with open(self.path(BEST_META)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _prune(self, keep):
+        if self.keep_last is None:
+            return
+        ckpts = [p for p in self.checkpoints() if p != keep]
+        for old in ckpts[:max(0, len(ckpts) - (self.keep_last - 1))]:
+            try:
+                os.remove(old)
+            except OSError as exc:
+                log.warning('could not remove old checkpoint %s: %s', old, _why(exc))
+
+    def _clean_stale_tmp(self):
+        """Remove temporary files left by a process of this host that was killed mid-save."""
+        for n in os.listdir(self.dir):
+            m = re.match(r'^\..*\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp$', n)
+            if not m or m.group('host') != _host():
+                continue
+            pid = int(m.group('pid'))
+            if pid != os.getpid() and not _alive(pid):
+                try:
+                    os.remove(self.path(n))
+                except OSError:
+                    pass
+
+    # -- finding
+    def read_pointer(self):
+        """The checkpoint the ``latest`` pointer names (a path), or None."""
+        try:
+            with open(self.path(LATEST)) as f:
+                name = f.read().strip()
+        except OSError:
+            return None
+        if not name or os.sep in name or not _SAFE.match(name):
+            return None
+        return self.path(name)
+
+    def candidates(self):
+        """Checkpoints to resume from, best guess first: the pointer, then newest to oldest."""
+        order = list(reversed(self.checkpoints()))
+        pointer = self.read_pointer()
+        if pointer in order:
+            order.remove(pointer)
+            order.insert(0, pointer)
+        elif pointer is not None:
+            log.warning('checkpoint pointer %s names %s, which is missing; looking for older checkpoints',
+                        self.path(LATEST), pointer)
+        return order
+
+    def latest(self):
+        """Newest checkpoint that looks readable, or None; unreadable ones are skipped with a warning."""
+        for path in self.candidates():
+            problem = quick_check(path)
+            if problem is None:
+                return path
+            log.warning('skipping %s; falling back to an older one', problem)
+        return None
+
+    def load_latest(self, map_location='cpu'):
+        """``(state, path)`` of the newest checkpoint that loads; ``(None, None)`` when there are none.
+
+        Unreadable checkpoints are skipped with a warning; if there are checkpoints
+        but none of them loads, raises :class:`CheckpointError` rather than
+        silently starting from scratch over them.
+        """
+        candidates, errors = self.candidates(), []
+        for path in candidates:
+            try:
+                return load_checkpoint(path, map_location), path
+            except CheckpointError as exc:
+                errors.append(str(exc))
+                log.warning('%s; falling back to an older checkpoint', exc)
+        if candidates:
+            raise CheckpointError(f'none of the {len(candidates)} checkpoints in {self.dir} can be read (newest: '
+                                  f'{errors[0]}); move them away to start afresh, or set runtime.auto_resume=false')
+        return None, None
+
+
+def quick_check(path):
+    """Cheap readability check (no unpickling): None if fine, else why not."""
+    problem = describe_file(path)
+    if problem is not None:
+        return problem
+    if not zipfile.is_zipfile(path):
+        return None  # legacy (non-zip) torch format: only a full load can tell
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith('/data.pkl') or n == 'data.pkl' for n in z.namelist()):
+                return f'checkpoint {path} is a zip archive without data.pkl, not a torch checkpoint'
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f'checkpoint {path} is corrupt ({exc})'
+    return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
