@@ -6,11 +6,13 @@
     enough to run on current PyTorch; pass its checkout with --original or $CENET_ROOT) at
     ResNet-50 shapes (benchmarks/bench_ce.py);
 (b) a full training step (forward, cross-entropy, backward, SGD) of ResNet-50 against CE-, ED-,
-    WE- and SE-ResNet-50;
+    WE- and SE-ResNet-50, and (with --original) CE-ResNet-50 built with the original CE module;
 (c) WE-ResNet-50 inference before and after ``fold_we`` against plain ResNet-50.
 Models are timed interleaved, round after round, and each ratio is a ratio of medians of the
 same rounds. Goals: CE module >= 2x the original; training step CE <= 1.15x, WE <= 1.10x plain;
-folded WE inference 1.00x plain.
+folded WE inference 1.00x plain. The default input is 224x224, the size these ImageNet models
+train at; --input-size / --batch change it (WE's extra work is per step, not per image, so its
+ratio falls as the batch grows), --sections and --models pick what to run.
 """
 import argparse
 import copy
@@ -33,6 +35,18 @@ MODELS = {
     "we_resnet50": {"backbone": "resnet50", "conv": {"type": "we"}},
     "se_resnet50": {"backbone": "resnet50", "plugins": [{"type": "se"}]},
 }
+
+
+def with_original_ce(model, orig_cls):
+    """``model`` with every blocklab CE replaced by the original CENet module (same size, groups, weights)."""
+    from blocks.ce import CE
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, CE):
+                orig = orig_cls(child.channels, num_channels=child.group_channels)
+                bench_ce.copy_weights(orig, child)  # the same initial weights in both
+                setattr(parent, name, orig)
+    return model
 
 
 def interleaved(steps, x, y, rounds, warmup=2):
@@ -62,10 +76,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--original", default=os.environ.get("CENET_ROOT"), help="CENet checkout for (a)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--input-size", type=int, default=112)
+    ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", help="write the three tables here (markdown)")
+    ap.add_argument("--sections", default="abc", help="which of (a), (b), (c) to run, e.g. 'b'")
+    ap.add_argument("--models", help="comma-separated subset of the (b) models (resnet50 always runs)")
+    ap.add_argument("--out", help="write the tables here (markdown)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -74,28 +90,44 @@ def main(argv=None):
                 f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), batch {args.batch}, "
                 f"load average {load:.1f} on {os.cpu_count()} cores at start; medians of {args.rounds} interleaved rounds."]
 
-    print("(a) CE module vs the original CENet module")
     orig_cls = bench_ce.load_original(args.original) if args.original else None
     if orig_cls is None:
-        print("    original not given (git clone https://github.com/Tangshitao/CENet; --original PATH): ours only")
-    head = ("| shape | ours train f+b ms | original train f+b ms | speed-up | ours eval ms | original eval ms "
-            "| speed-up |\n|---|---|---|---|---|---|---|")
-    print(head)
-    sections.append("### (a) CE module vs the original (goal: >= 2x)\n\n" + head + "\n"
-                    + "\n".join(bench_ce.table(orig_cls, args.batch, args.rounds)))
+        print("original CENet not given (git clone https://github.com/Tangshitao/CENet; --original PATH): ours only")
+    if "a" in args.sections:
+        print("(a) CE module vs the original CENet module")
+        head = ("| shape | ours train f+b ms | original train f+b ms | speed-up | ours eval ms | original eval ms "
+                "| speed-up |\n|---|---|---|---|---|---|---|")
+        print(head)
+        sections.append("### (a) CE module vs the original (goal: >= 2x)\n\n" + head + "\n"
+                        + "\n".join(bench_ce.table(orig_cls, args.batch, args.rounds)))
 
-    print(f"\n(b) training step at {args.input_size}x{args.input_size}")
     torch.manual_seed(0)
     x, y = synthetic_batch(args.batch, args.input_size, 1000, device, False)
-    train = {}
-    for name, cfg in MODELS.items():
-        model = build_model(cfg)
-        train[name] = train_step_fn(model, make_optimizer(model, args.batch), device, "fp32")
-    table_b = ratio_table(interleaved(train, x, y, args.rounds),
-                          goals={"ce_resnet50": "<= 1.15x", "we_resnet50": "<= 1.10x"})
-    print(table_b)
-    sections.append("### (b) training step, ResNet-50 family\n\n" + table_b)
-    del train
+    if "b" in args.sections:
+        print(f"\n(b) training step at {args.input_size}x{args.input_size}")
+        names = ["resnet50"] + [n for n in (args.models.split(",") if args.models else MODELS) if n != "resnet50"]
+        unknown = sorted(set(names) - set(MODELS) - {"ce_resnet50_original"})
+        if unknown:
+            ap.error(f"unknown --models {unknown}; choose from {sorted(MODELS)} or ce_resnet50_original")
+        if orig_cls is not None and not args.models and "ce_resnet50" in names:
+            names.insert(names.index("ce_resnet50") + 1, "ce_resnet50_original")
+        train = {}
+        for name in names:
+            if name == "ce_resnet50_original":
+                if orig_cls is None:
+                    ap.error("ce_resnet50_original needs --original PATH (a CENet checkout)")
+                model = with_original_ce(build_model(MODELS["ce_resnet50"]), orig_cls)
+            else:
+                model = build_model(MODELS[name])
+            train[name] = train_step_fn(model, make_optimizer(model, args.batch), device, "fp32")
+        table_b = ratio_table(interleaved(train, x, y, args.rounds),
+                              goals={"ce_resnet50": "<= 1.15x", "we_resnet50": "<= 1.10x"})
+        print(table_b)
+        sections.append(f"### (b) training step, ResNet-50 family, batch {args.batch} at "
+                        f"{args.input_size}x{args.input_size}\n\n" + table_b)
+        del train
+    if "c" not in args.sections:
+        return _write(args.out, sections)
 
     print("\n(c) WE-ResNet-50 inference before and after fold()")
     plain = build_model(MODELS["resnet50"]).eval()
@@ -105,12 +137,17 @@ def main(argv=None):
         err = ((folded(x) - we(x)).abs().max() / we(x).abs().max()).item()
     infer = {"resnet50": infer_step_fn(plain, device, "fp32"), "we_resnet50": infer_step_fn(we, device, "fp32"),
              "we_resnet50 folded": infer_step_fn(folded, device, "fp32")}
-    table_c = ratio_table(interleaved(infer, x, y, args.rounds), goals={"we_resnet50 folded": "1.00x"})
+    rounds_c = 3 * args.rounds  # inference steps are short: more rounds for the same noise
+    table_c = ratio_table(interleaved(infer, x, y, rounds_c), goals={"we_resnet50 folded": "1.00x"})
     table_c += f"\n\nfolded vs unfolded outputs: max relative difference {err:.1e}"
     print(table_c)
-    sections.append("### (c) WE-ResNet-50 inference, folded\n\n" + table_c)
-    if args.out:
-        with open(args.out, "w") as f:
+    sections.append(f"### (c) WE-ResNet-50 inference, folded (batch {args.batch}, {rounds_c} rounds)\n\n" + table_c)
+    return _write(args.out, sections)
+
+
+def _write(path, sections):
+    if path:
+        with open(path, "w") as f:
             f.write("# Block costs on CPU (issue 2)\n\n" + "\n\n".join(sections) + "\n")
     return 0
 

@@ -91,3 +91,22 @@ def test_config_file_gives_model_and_input_size(tmp_path):
     assert rc == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["model"] == "se_r20" and row["input_size"] == 16 and row["mode"] == "infer"
+
+
+def test_bench_blocks_tables_at_a_tiny_size(tmp_path):
+    from benchmarks import bench_blocks
+    out = tmp_path / "blocks.md"
+    assert bench_blocks.main(["--input-size", "32", "--batch", "2", "--rounds", "1", "--threads", "1",
+                              "--sections", "bc", "--models", "ce_resnet50,we_resnet50", "--out", str(out)]) == 0
+    text = out.read_text()
+    for row in ("| resnet50 |", "| ce_resnet50 |", "| we_resnet50 |", "| we_resnet50 folded |"):
+        assert row in text
+    assert "batch 2 at 32x32" in text and "(a)" not in text
+    assert "max relative difference 0.0e+00" in text  # folding changes nothing the model computes
+
+
+def test_bench_blocks_refuses_an_unknown_model():
+    from benchmarks import bench_blocks
+    with pytest.raises(SystemExit) as exc:
+        bench_blocks.main(["--sections", "b", "--models", "ce_resnet5O"])
+    assert exc.value.code == 2
