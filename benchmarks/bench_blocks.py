@@ -109,13 +109,13 @@ def main(argv=None):
         unknown = sorted(set(names) - set(MODELS) - {"ce_resnet50_original"})
         if unknown:
             ap.error(f"unknown --models {unknown}; choose from {sorted(MODELS)} or ce_resnet50_original")
+        if "ce_resnet50_original" in names and orig_cls is None:
+            ap.error("ce_resnet50_original needs --original PATH (a CENet checkout)")
         if orig_cls is not None and not args.models and "ce_resnet50" in names:
             names.insert(names.index("ce_resnet50") + 1, "ce_resnet50_original")
         train = {}
         for name in names:
             if name == "ce_resnet50_original":
-                if orig_cls is None:
-                    ap.error("ce_resnet50_original needs --original PATH (a CENet checkout)")
                 model = with_original_ce(build_model(MODELS["ce_resnet50"]), orig_cls)
             else:
                 model = build_model(MODELS[name])
