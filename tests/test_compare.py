@@ -1,0 +1,104 @@
+"""tools.compare on runs the trainer really wrote: finished, unfinished and resumed runs; refusals."""
+import csv
+import os
+
+import pytest
+
+from engine.trainer import Trainer
+from models import build_model
+from tests.engine_helpers import tiny_cfg
+from tools import compare
+
+CE = "model.plugins=[{type: ce, position: after_norm, stages: [1, 2, 3]}]"
+
+
+def _train(work_dir, *overrides):
+    return Trainer(tiny_cfg(work_dir, "model.backbone=cifar_resnet20", *overrides)).train()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    _train(root / "plain")
+    _train(root / "ce", CE)
+    _train(root / "ce_resumed", CE, "runtime.max_steps=6")   # stops in epoch 2 after logging step 6 ...
+    _train(root / "ce_resumed", CE)                            # ... resumes from epoch 1's checkpoint
+    _train(root / "ce_unfinished", CE, "runtime.max_steps=6")
+    return root
+
+
+def test_resumed_run_reads_like_the_uninterrupted_one(runs):
+    whole, resumed = compare.read_run(str(runs / "ce")), compare.read_run(str(runs / "ce_resumed"))
+    lines = (runs / "ce_resumed" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"step": 6' in line and '"train"' in line for line in lines) == 2   # step 6 was logged twice
+    assert [r["step"] for r in resumed.train] == [r["step"] for r in whole.train]
+    assert [r["loss"] for r in resumed.train] == [r["loss"] for r in whole.train]   # exact resume, later record wins
+    a, b = compare.summarize(whole, "a"), compare.summarize(resumed, "b")
+    for key in ("best_top1", "best_top5", "final_top1", "epochs", "gflops", "params_m"):
+        assert a[key] == b[key], key
+
+
+def test_rows(runs):
+    plain = compare.summarize(compare.read_run(str(runs / "plain")), "plain")
+    ce = compare.summarize(compare.read_run(str(runs / "ce")), "ce")
+    unfinished = compare.summarize(compare.read_run(str(runs / "ce_unfinished")), "u")
+    cfg = tiny_cfg(runs / "x", "model.backbone=cifar_resnet20", CE).model
+    assert ce["params_m"] == pytest.approx(sum(p.numel() for p in build_model(cfg).parameters()) / 1e6)
+    assert ce["gflops"] > plain["gflops"] > 0   # CE's Gram/Newton/mixing work is counted
+    assert (plain["blocks"], ce["blocks"]) == ("none", "ce")
+    assert (ce["epochs"], ce["planned_epochs"], unfinished["epochs"]) == (2, 2, 1.5)
+    val = [r for r in compare.read_run(str(runs / "ce")).val]
+    assert ce["best_top1"] == max(r["top1"] for r in val) and ce["final_top1"] == val[-1]["top1"]
+    assert ce["top5_err"] == pytest.approx(100 - max(r["top5"] for r in val))
+    assert ce["train_img_s"] > 0 and ce["train_time_s"] > 0
+
+
+def test_cli_writes_table_csv_and_plots(runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    dirs = [str(runs / n) for n in ("plain", "ce", "ce_unfinished")]
+    assert compare.main(dirs + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("| cifar_resnet20 |") == 3 and "| 1.5/2 |" in printed
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["plain", "ce", "ce_unfinished"]
+    import matplotlib.image
+    for png in ("curves.png", "tradeoffs.png"):
+        h, w, _ = matplotlib.image.imread(out / png).shape
+        assert h > 300 and w > 600
+
+
+def test_same_names_get_paths(tmp_path):
+    assert compare.run_names(["a/x", "b/x", "c/y"]) == ["a/x", "b/x", "y"]
+
+
+def test_describe_blocks():
+    assert compare.describe_blocks({"conv": {"type": "we", "lwe": True, "mwe": False},
+                                    "plugins": [{"type": "ed"}, {"type": "se"}]}) == "we(lwe)+ed+se"
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_val"])
+def test_refusals_write_nothing(case, tmp_path, capsys):
+    run = tmp_path / "run"
+    if case == "empty":
+        run.mkdir()
+    if case == "no_val":
+        _train(run, "runtime.max_steps=2")   # stops before the first evaluation
+    out = tmp_path / "out"
+    assert compare.main([str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(run) in err[0]
+    assert {"missing": "no such directory", "empty": "not a training run",
+            "no_val": "no validation metrics"}[case] in err[0]
+    assert not out.exists()
+
+
+def test_truncated_line_is_reported(runs, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "cut"
+    shutil.copytree(runs / "plain", run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    assert compare.main([str(run), "--out", str(tmp_path / "o"), "--no-flops"]) == 0
+    assert "skipped 1 unreadable line" in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "o" / "curves.png")
