@@ -1,0 +1,183 @@
+"""The laptop ablation: ResNet-20 on the embedded digits data, plain vs CE / ED / SE / WE, several seeds.
+
+    python -m tools.ablation                      # 5 variants x 3 seeds, about 15 minutes on 2 CPU cores
+    python -m tools.ablation --seeds 0 1 --variants resnet20 ce_resnet20 --set train.epochs=4
+
+Trains every ``configs/ablation/<variant>.yaml`` once per seed (``python -m tools.train``,
+work dirs ``<work-root>/<variant>_s<seed>``; a finished run is not trained again, an
+interrupted one resumes), then puts the runs side by side with :mod:`tools.compare`,
+aggregates best and final top-1 over seeds (mean +- sample std), tests each block's
+difference to the plain network against the seed noise, and runs
+:mod:`tools.analyze_channels` on the first seed of every variant. ``--out`` (default
+``docs/ablation``) gets ``README.md`` (the table, the command and its wall time),
+``runs.csv``, ``top1.png``, ``curves.png``, ``cdf_stages.png`` and ``inhibited_depth.png``.
+
+On a data set this small, differences between blocks are mostly within seed noise; the
+table says, per block, whether the difference to the plain network exceeds twice its
+standard error.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("resnet20", "ce_resnet20", "ed_resnet20", "se_resnet20", "we_resnet20")
+CONFIG_DIR = "configs/ablation"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="configs/ablation/<name>.yaml to run")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("--work-root", default="work_dirs/ablation", help="parent of the runs' work dirs")
+    p.add_argument("--out", default="docs/ablation", help="where the table and figures go")
+    p.add_argument("--batches", type=int, default=6, help="validation batches for the channel analysis")
+    args = p.parse_args(argv)
+    missing = [v for v in args.variants if not os.path.isfile(os.path.join(CONFIG_DIR, v + ".yaml"))]
+    if missing:
+        p.error(f"no {CONFIG_DIR}/{missing[0]}.yaml; variants: {', '.join(sorted(VARIANTS))}")
+    if len(args.seeds) < 2:
+        p.error("give at least two --seeds: the table compares blocks against the seed noise")
+    return args
+
+
+def train(config, work_dir, seed, overrides):
+    """One run through the training entry point (a finished run returns at once)."""
+    cmd = [sys.executable, "-m", "tools.train", config, f"runtime.seed={seed}", f"runtime.work_dir={work_dir}",
+           "runtime.tensorboard=false", *overrides]
+    with open(os.path.join(os.path.dirname(work_dir) or ".", os.path.basename(work_dir) + ".log"), "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"error: training {config} (seed {seed}) exited with {rc}; see {work_dir}.log")
+
+
+def mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows, variants, seeds):
+    """Per variant: mean/std of best and final top-1 over seeds, and the difference to the first variant."""
+    by = {v: [r for r in rows if r["variant"] == v] for v in variants}
+    out = []
+    base = [r["best_top1"] for r in by[variants[0]]]
+    for v in variants:
+        best = [r["best_top1"] for r in by[v]]
+        final = [r["final_top1"] for r in by[v]]
+        (bm, bs), (fm, fs) = mean_std(best), mean_std(final)
+        diff = bm - statistics.mean(base)
+        se = (statistics.variance(best) / len(best) + statistics.variance(base) / len(base)) ** 0.5
+        out.append({"variant": v, "seeds": len(best), "params_m": by[v][0]["params_m"], "gflops": by[v][0]["gflops"],
+                    "best_mean": bm, "best_std": bs, "final_mean": fm, "final_std": fs, "diff": diff, "se": se,
+                    "img_s": statistics.median(r["train_img_s"] for r in by[v]), "best": best})
+    return out
+
+
+def markdown(agg, command, wall, seeds, val_images):
+    lines = ["| variant | params (M) | GFLOPs | best top-1 (%) | final top-1 (%) | "
+             f"vs {agg[0]['variant']} (best) | "
+             "beyond seed noise? | train img/s |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for i, a in enumerate(agg):
+        if i == 0:
+            vs, noise = "-", "-"
+        else:
+            vs = f"{a['diff']:+.2f} ± {a['se']:.2f}"
+            noise = "yes" if abs(a["diff"]) > 2 * a["se"] else "no (within 2 standard errors)"
+        lines.append(f"| {a['variant']} | {a['params_m']:.3f} | {a['gflops']:.4f} | {a['best_mean']:.2f} ± "
+                     f"{a['best_std']:.2f} | {a['final_mean']:.2f} ± {a['final_std']:.2f} | {vs} | {noise} | "
+                     f"{a['img_s']:.0f} |")
+    return "\n".join([
+        "# Laptop ablation: ResNet-20 on digits, plain vs CE / ED / SE / WE", "",
+        f"Generated by `{command}` in {wall / 60:.1f} minutes of wall time (training, comparison and channel "
+        f"analysis). Seeds: {', '.join(map(str, seeds))}; mean ± sample standard deviation over seeds. "
+        f"\"vs {agg[0]['variant']}\" is the difference of mean best top-1 to it ± its standard error; a block "
+        "counts as beyond seed noise only when that difference exceeds two standard errors. The validation split "
+        f"has {val_images} images (one image = {100 / val_images:.2f} points), so these numbers rank nothing on "
+        "ImageNet: they show that every block trains, what it costs, and how it changes the channels.", "",
+        *lines, "",
+        "![best top-1 per variant, every seed](top1.png)", "",
+        "![validation top-1 per epoch, mean over seeds](curves.png)", "",
+        "Channel magnitudes after each norm-ReLU and block output, first seed of each variant "
+        "(`python -m tools.analyze_channels`; inhibited = below 0.01 x the layer's mean):", "",
+        "![cumulative distribution of channel magnitudes per stage](cdf_stages.png)", "",
+        "![inhibited channels along the depth](inhibited_depth.png)", ""])
+
+
+def plot(agg, runs_by_variant, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, a in enumerate(agg):
+        ax.errorbar([i], [a["best_mean"]], yerr=[a["best_std"]], fmt="o", capsize=5, color=f"C{i}")
+        ax.scatter([i + 0.12] * len(a["best"]), a["best"], s=12, color=f"C{i}", alpha=0.6)
+    ax.set_xticks(range(len(agg)), [a["variant"] for a in agg])
+    ax.set(ylabel="best validation top-1 (%)", title="best top-1: mean ± std over seeds (dots: seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "top1.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, (variant, runs) in enumerate(runs_by_variant.items()):
+        curves = [[r["top1"] for r in run.val if "top1" in r] for run in runs]
+        n = min(len(c) for c in curves)
+        mean = [statistics.mean(c[k] for c in curves) for k in range(n)]
+        std = [statistics.stdev(c[k] for c in curves) if len(curves) > 1 else 0.0 for k in range(n)]
+        epochs = [r["epoch"] for r in runs[0].val if "top1" in r][:n]
+        ax.plot(epochs, mean, label=variant, color=f"C{i}")
+        ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=f"C{i}", alpha=0.15)
+    ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="validation top-1, mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    from tools import analyze_channels, compare
+    args = parse_args(argv)
+    start = time.time()
+    os.makedirs(args.work_root, exist_ok=True)
+    dirs = {}
+    for variant in args.variants:
+        config = os.path.join(CONFIG_DIR, variant + ".yaml")
+        for seed in args.seeds:
+            work_dir = os.path.join(args.work_root, f"{variant}_s{seed}")
+            print(f"training {variant} seed {seed} -> {work_dir}", flush=True)
+            train(config, work_dir, seed, args.set)
+            dirs[(variant, seed)] = work_dir
+    runs = {key: compare.read_run(d) for key, d in dirs.items()}
+    rows = []
+    for (variant, seed), run in runs.items():
+        rows.append({"variant": variant, "seed": seed, **compare.summarize(run, f"{variant}_s{seed}")})
+    os.makedirs(args.out, exist_ok=True)
+    compare.write_csv([{k: r[k] for k in compare.COLUMNS} for r in rows], os.path.join(args.out, "runs.csv"))
+    agg = aggregate(rows, args.variants, args.seeds)
+    plot(agg, {v: [runs[(v, s)] for s in args.seeds] for v in args.variants}, args.out)
+    pairs = []
+    for variant in args.variants:
+        work_dir = dirs[(variant, args.seeds[0])]
+        pairs += [os.path.join(work_dir, "config.yaml"), os.path.join(work_dir, "checkpoints", "best.pth")]
+    channel_dir = os.path.join(args.work_root, "channels")
+    if analyze_channels.main(pairs + ["--names", *args.variants, "--batches", str(args.batches),
+                                      "--out", channel_dir]) != 0:
+        raise SystemExit("error: the channel analysis failed (see above)")
+    for png in ("cdf_stages.png", "inhibited_depth.png"):
+        os.replace(os.path.join(channel_dir, png), os.path.join(args.out, png))
+    command = "python -m tools.ablation" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    val_images = next(iter(runs.values())).val[-1]["count"]
+    text = markdown(agg, command, time.time() - start, args.seeds, val_images)
+    with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
