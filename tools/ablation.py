@@ -4,7 +4,7 @@
     python -m tools.ablation --seeds 0 1 --variants resnet20 ce_resnet20 --set train.epochs=4
 
 Trains every ``configs/ablation/<variant>.yaml`` once per seed (``python -m tools.train``,
-work dirs ``<work-root>/<variant>_s<seed>``; a finished run is not trained again, an
+``--jobs`` at a time, work dirs ``<work-root>/<variant>_s<seed>``; a finished run is not trained again, an
 interrupted one resumes), then puts the runs side by side with :mod:`tools.compare`,
 aggregates best and final top-1 over seeds (mean +- sample std), tests each block's
 difference to the plain network against the seed noise, and runs
@@ -36,23 +36,45 @@ def parse_args(argv=None):
     p.add_argument("--work-root", default="work_dirs/ablation", help="parent of the runs' work dirs")
     p.add_argument("--out", default="docs/ablation", help="where the table and figures go")
     p.add_argument("--batches", type=int, default=6, help="validation batches for the channel analysis")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="trainings at once, each with cpu_count / jobs threads (default %(default)s)")
     args = p.parse_args(argv)
     missing = [v for v in args.variants if not os.path.isfile(os.path.join(CONFIG_DIR, v + ".yaml"))]
     if missing:
         p.error(f"no {CONFIG_DIR}/{missing[0]}.yaml; variants: {', '.join(sorted(VARIANTS))}")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     if len(args.seeds) < 2:
         p.error("give at least two --seeds: the table compares blocks against the seed noise")
     return args
 
 
-def train(config, work_dir, seed, overrides):
-    """One run through the training entry point (a finished run returns at once)."""
-    cmd = [sys.executable, "-m", "tools.train", config, f"runtime.seed={seed}", f"runtime.work_dir={work_dir}",
-           "runtime.tensorboard=false", *overrides]
-    with open(os.path.join(os.path.dirname(work_dir) or ".", os.path.basename(work_dir) + ".log"), "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"error: training {config} (seed {seed}) exited with {rc}; see {work_dir}.log")
+def train_all(jobs, overrides, parallel):
+    """Run ``(config, work_dir, seed)`` jobs through the training entry point, ``parallel`` at a time.
+
+    Small models train faster as parallel one-thread processes than as one process with
+    several threads; a finished run returns at once, an interrupted one resumes.
+    """
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            config, work_dir, seed = pending.pop(0)
+            print(f"training {config} seed {seed} -> {work_dir}", flush=True)
+            cmd = [sys.executable, "-m", "tools.train", config, f"runtime.seed={seed}",
+                   f"runtime.work_dir={work_dir}", "runtime.tensorboard=false", *overrides]
+            log = open(work_dir + ".log", "w")
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, work_dir))
+        proc, log, work_dir = running.pop(0)
+        rc = proc.wait()
+        log.close()
+        if rc != 0:
+            for other, other_log, _ in running:
+                other.terminate()
+                other.wait()
+                other_log.close()
+            raise SystemExit(f"error: training into {work_dir} exited with {rc}; see {work_dir}.log")
 
 
 def mean_std(values):
@@ -144,14 +166,8 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     os.makedirs(args.work_root, exist_ok=True)
-    dirs = {}
-    for variant in args.variants:
-        config = os.path.join(CONFIG_DIR, variant + ".yaml")
-        for seed in args.seeds:
-            work_dir = os.path.join(args.work_root, f"{variant}_s{seed}")
-            print(f"training {variant} seed {seed} -> {work_dir}", flush=True)
-            train(config, work_dir, seed, args.set)
-            dirs[(variant, seed)] = work_dir
+    dirs = {(v, s): os.path.join(args.work_root, f"{v}_s{s}") for v in args.variants for s in args.seeds}
+    train_all([(os.path.join(CONFIG_DIR, v + ".yaml"), d, s) for (v, s), d in dirs.items()], args.set, args.jobs)
     runs = {key: compare.read_run(d) for key, d in dirs.items()}
     rows = []
     for (variant, seed), run in runs.items():
