@@ -39,11 +39,19 @@ def _rows(variant, values):
              "train_img_s": 10.0} for v in values]
 
 
-@pytest.mark.parametrize("other,beyond", [([60.0, 61.0, 59.5], True), ([50.5, 51.5, 49.0], False)])
-def test_noise_verdict(other, beyond):
-    agg = ablation.aggregate(_rows("plain", [50.0, 51.0, 49.5]) + _rows("x", other), ["plain", "x"], [0, 1, 2])
-    assert agg[1]["diff"] == pytest.approx(statistics.mean(other) - 50.1666666, abs=1e-6)
-    table = ablation.markdown(agg, "cmd", 60.0, [0, 1, 2], val_images=360)
+@pytest.mark.parametrize("base,other,images,beyond", [
+    ([50.0, 51.0, 49.5], [60.0, 61.0, 59.5], 10000, True),
+    ([50.0, 51.0, 49.5], [50.5, 51.5, 49.0], 10000, False),
+    # equal seeds have no spread, but 360 images cannot tell 99.44 from 99.26 (less than one image)
+    ([99.44, 99.44, 99.44], [99.17, 99.44, 99.17], 360, False),
+    ([99.44, 99.44, 99.44], [90.0, 90.28, 89.72], 360, True)])
+def test_noise_verdict(base, other, images, beyond):
+    agg = ablation.aggregate(_rows("plain", base) + _rows("x", other), ["plain", "x"], images)
+    assert agg[1]["diff"] == pytest.approx(statistics.mean(other) - statistics.mean(base), abs=1e-9)
+    p, q = statistics.mean(base) / 100, statistics.mean(other) / 100
+    se = (statistics.variance(base) / 3 + statistics.variance(other) / 3 + 1e4 * (p * (1 - p) + q * (1 - q)) / images)
+    assert agg[1]["se"] == pytest.approx(se ** 0.5)
+    table = ablation.markdown(agg, "cmd", 60.0, [0, 1, 2], images, 120.0)
     line = next(line for line in table.splitlines() if line.startswith("| x |"))
     assert ("| yes |" in line) == beyond
 
