@@ -254,7 +254,8 @@ def main(argv=None):
             ap.error(f"--{k} {root}: not a directory")
     lines = [f"`python -m benchmarks.step_equivalence {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              f"{args.steps} SGD steps, batch {args.batch} at {args.size}x{args.size}, float64.", "",
-             "| repository | config | tensors | max rel. error of weights (worst) | max rel. error of updates (worst) |",
+             "| repository | config | tensors | max rel. error of weights (worst) "
+             "| max rel. error of updates (worst) |",
              "|---|---|---|---|---|"]
     for name, root in roots.items():
         for kind, ((w, wk), (d, dk), n) in check(name, root, args).items():

@@ -50,7 +50,8 @@ def we_lr(schedule):
 # ----------------------------------------------------------------------------- recipes per repository
 
 CENET = dict(
-    epochs=100, batch=256, procs=8,   # config yaml:4-5; train_val.sh:3 --nproc_per_node=8 (32 per GPU, train_imagenet.py:133)
+    epochs=100, batch=256, procs=8,   # config yaml:4-5; train_val.sh:3 --nproc_per_node=8,
+                                      # 32 per GPU (train_imagenet.py:133)
     lr=cenet_lr, warmup=5,            # lr_scheduler.py:66-82 (see cenet_lr)
     momentum=0.9, weight_decay=1e-4,  # yaml:15-16; train_imagenet.py:86-88: SGD(model.parameters()), no nesterov
     smoothing="others",               # train_imagenet.py:36-51, 84: 0.9 on the target, 0.1/(K-1) on the others
@@ -58,7 +59,8 @@ CENET = dict(
     sampler_keeps_last=True,          # train_imagenet.py:129-134: DistributedSampler, drop_last False
 )
 EDNET = dict(
-    epochs=100, batch=256, procs=8,   # README command -b 256 --epochs 100; one process, DataParallel (imagenet_train.py:109)
+    epochs=100, batch=256, procs=8,   # README command -b 256 --epochs 100; procs ours: ED-Net runs one process with
+                                      # DataParallel over an unstated GPU count (imagenet_train.py:109)
     lr=ednet_lr, warmup=0,            # README --lr 0.1 --schedule 30; imagenet_train.py:343-348
     momentum=0.9, weight_decay=1e-4,  # imagenet_train.py:43-44, 113-115: SGD(model.parameters())
     smoothing=None,                   # imagenet_train.py:112: nn.CrossEntropyLoss()
@@ -69,7 +71,7 @@ EDNET = dict(
 
 def we(epochs, schedule, batch):
     return dict(
-        epochs=epochs, batch=batch, procs=4,  # README commands; "4 GPUs ... are assumed" (README.md:21), DataParallel
+        epochs=epochs, batch=batch, procs=4,  # README.md:22 "4 GPUs ... are assumed"; imagenet.py:170 DataParallel
         lr=we_lr(schedule), warmup=0,         # imagenet.py:60, 64-67, 404-409
         momentum=0.9, weight_decay=1e-4,      # imagenet.py:68-71, 178-179: SGD(model.parameters())
         smoothing=None,                       # imagenet.py:177: nn.CrossEntropyLoss()
@@ -77,10 +79,10 @@ def we(epochs, schedule, batch):
         sampler_keeps_last=True)              # imagenet.py:140: shuffle=True, drop_last False
 
 
-WE_R50 = we(90, (30, 60), 256)            # README.md:25: l_resnet50 --epochs 90 --schedule 30 60 (batch default 256, :56)
-WE_R101 = we(100, (30, 60, 90), 128)      # README.md:29: l_resnet101 --epochs 100 --schedule 30 60 90 --train-batch 128
-WE_X50 = we(100, (30, 60, 90), 128)       # README.md:33: l_resnext50 ... --train-batch 128 (the arch is not in its code)
-OURS_X101 = we(100, (30, 60, 90), 256)    # README.md:38 gives no schedule (defaults never decay, imagenet.py:52, 64): ours
+WE_R50 = we(90, (30, 60), 256)            # README.md:26 --epochs 90 --schedule 30 60; imagenet.py:56 batch 256
+WE_R101 = we(100, (30, 60, 90), 128)      # README.md:30: l_resnet101 --epochs 100 --schedule 30 60 90 --train-batch 128
+WE_X50 = we(100, (30, 60, 90), 128)       # README.md:34: l_resnext50 ... --train-batch 128 (arch not in its code)
+OURS_X101 = we(100, (30, 60, 90), 256)    # ours: README.md:39 gives no schedule (imagenet.py:52, 64 never decay)
 
 # ----------------------------------------------------------------------------- initial value laws
 # (regex on our parameter name, law); the first match wins; every parameter must match a row.
