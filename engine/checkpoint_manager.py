@@ -107,9 +107,9 @@ class CheckpointManager:
         self.dir = os.path.join(os.fspath(work_dir), CHECKPOINT_DIR)
         self.keep_last, self.mode, self.check_finite = keep_last, mode, check_finite
         self.last_saved = None
-        meta = self._read_best_meta()
-        self.best_metric = meta.get('metric')
-        self.best_source = meta.get('file')
+        self._meta = self._read_best_meta()
+        self.best_metric = self._meta.get('metric')
+        self.best_source = self._meta.get('file')
 
     # -- paths
     def path(self, name):
@@ -191,7 +191,26 @@ class CheckpointManager:
                     shutil.copyfileobj(src, f, 1 << 22)
             atomic_write(best, copy)
         self.best_metric, self.best_source = float(metric), name
-        meta = json.dumps({'file': name, 'metric': float(metric), 'mode': self.mode})
+        self._meta.update({'file': name, 'metric': float(metric), 'mode': self.mode})
+        self._write_meta()
+
+    def record_best_of(self, metrics, keys=('top1', 'top5')):
+        """Keep in best.json the best value of each of ``keys`` over every evaluation, each on its own.
+
+        ED-Net reports 100 - best top-1 and 100 - best top-5, each maximised over epochs
+        separately (imagenet_train.py:201-204), so best.pth's top-5 is not enough.
+        """
+        changed = False
+        for key in keys:
+            value = metrics.get(key)
+            if value is not None and float(value) > self._meta.get(f'best_{key}', float('-inf')):
+                self._meta[f'best_{key}'] = float(value)
+                changed = True
+        if changed:
+            self._write_meta()
+
+    def _write_meta(self):
+        meta = json.dumps(self._meta, sort_keys=True)
         atomic_write(self.path(BEST_META), lambda f: f.write(meta.encode() + b'\n'))
 
     def _read_best_meta(self):

@@ -294,6 +294,11 @@ class Trainer:
         self.log.info(f"val epoch {self.epoch}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
                       f"loss {metrics['loss']:.4f} ({metrics['count']} images, {metrics['time_s']:.1f}s){ema}")
         self.runlog.log("val", self.step, metrics, epoch=self.epoch)
+        if self.dist.is_main:
+            try:
+                self.ckpt.record_best_of(metrics)
+            except CheckpointError as e:
+                self.log.warning("%s", e)
         return metrics
 
     def _summary(self, status, metrics):

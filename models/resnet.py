@@ -76,13 +76,18 @@ def kaiming_init(m):
 
 
 class ResNet(nn.Module):
-    """ImageNet ResNet/ResNeXt; any input size (adaptive pooling)."""
+    """ImageNet ResNet/ResNeXt; any input size (adaptive pooling).
+
+    ``zero_init_residual`` zeroes the last BN gamma of every residual branch (Goyal et al. 2017);
+    ``zero_init_bias`` zeroes every bias, as ED-Net initialises its models (PyTorch's default
+    otherwise leaves the fc and SE biases uniform in +-1/sqrt(fan_in)).
+    """
 
     places = ("after_norm", "parallel", "stem")
     num_stages = 4
 
     def __init__(self, block, layers, conv, specs=(), num_classes=1000, groups=1, width_per_group=64,
-                 zero_init_residual=False, in_chans=3):
+                 zero_init_residual=False, zero_init_bias=False, in_chans=3):
         super().__init__()
         self.inplanes = 64
         self.groups, self.base_width = groups, width_per_group
@@ -101,6 +106,10 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+        if zero_init_bias:  # ED-Net's init (ed_resnet.py:107-108): every bias 0, the fc's and plug-ins' too
+            for name, p in self.named_parameters():
+                if name.rsplit(".", 1)[-1] == "bias":
+                    nn.init.zeros_(p)
 
     def _make_layer(self, block, conv, planes, blocks_n, stride, specs, stage):
         downsample = None

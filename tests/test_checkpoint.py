@@ -2,6 +2,7 @@
 import builtins
 import errno
 import io
+import json
 import logging
 import os
 import pickle
@@ -198,6 +199,19 @@ def test_manager_keeps_last_k_and_best(tmp_path):
     assert load_checkpoint(d / 'best.pth')['epoch'] == 2
     again.save(_state(7), 'epoch_7', metric=4.0)
     assert load_checkpoint(d / 'best.pth')['epoch'] == 7
+
+
+def test_best_json_keeps_best_top1_and_top5_each_over_epochs(tmp_path):
+    """ED-Net reports 100 - best top-1 and 100 - best top-5, each maximised on its own."""
+    m = CheckpointManager(tmp_path)
+    for epoch, (top1, top5) in enumerate([(70.0, 90.0), (71.0, 89.5), (70.5, 90.2)], 1):
+        m.record_best_of({'top1': top1, 'top5': top5, 'loss': 1.0})
+        m.save(_state(epoch), f'epoch_{epoch}', metric=top1)
+    meta = json.loads((tmp_path / 'checkpoints' / 'best.json').read_text())
+    assert meta == {'file': 'epoch_002.pth', 'metric': 71.0, 'mode': 'max', 'best_top1': 71.0, 'best_top5': 90.2}
+    again = CheckpointManager(tmp_path)   # a restarted run keeps them
+    again.record_best_of({'top1': 60.0, 'top5': 90.1})
+    assert json.loads((tmp_path / 'checkpoints' / 'best.json').read_text()) == meta
 
 
 def test_manager_min_mode_and_keep_all(tmp_path):

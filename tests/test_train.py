@@ -89,6 +89,9 @@ def test_restart_after_epoch_1_matches_uninterrupted(tmp_path):
     assert res2["metrics"] == {**ref_metrics(res), "time_s": res2["metrics"]["time_s"]}
     lines = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert [x["epoch"] for x in lines if x["kind"] == "val"] == [1, 2]
+    best = json.load(open(tmp_path / "b" / "checkpoints" / "best.json"))  # kept across the restart
+    for key in ("top1", "top5"):
+        assert best[f"best_{key}"] == pytest.approx(max(x[key] for x in lines if x["kind"] == "val"), abs=1e-5)
 
 
 def ref_metrics(res):
