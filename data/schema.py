@@ -9,7 +9,7 @@ small shifts and no flip. The batch size is not here: the engine passes it.
 import difflib
 from collections.abc import Mapping
 
-from engine.fields import ConfigError, Field
+from engine.fields import ConfigError, Field, refuse_non_finite
 
 DATASETS = ("imagenet_folder", "imagenet_list", "cifar10", "cifar100", "digits", "synthetic")
 NORMALIZE = ("auto", "imagenet", "cifar10", "cifar100", "digits", "half", "none")
@@ -140,6 +140,7 @@ def _check_value(field, value, path):
         value = list(value)
     if not isinstance(value, types):
         raise ConfigError(f"{path} must be {'/'.join(t.__name__ for t in types)}, got {value!r}")
+    refuse_non_finite(value, path)
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"{path} must be one of {list(field.choices)}, got {value!r}")
     if field.check is not None:

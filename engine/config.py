@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import yaml
 
-from engine.fields import ConfigError, Field
+from engine.fields import ConfigError, Field, refuse_non_finite
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
@@ -265,6 +265,7 @@ def check_value(value, field, path):
     if not ok:
         raise ConfigError(f"{path} must be {_type_name(types)}, got {value!r} "
                           f"({type(value).__name__}); e.g. {path}={field.default!r}")
+    refuse_non_finite(value, path)
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"{path}={value!r} is not one of {list(field.choices)}"
                           f"{_nearest_msg(value, field.choices)}")

@@ -132,10 +132,16 @@ def resume(t):
     t.iter_in_epoch = int(state.get("iter_in_epoch", 0))
     t.best_metric = state.get("best_metric")
     old_ipe = state["scheduler"].get("iters_per_epoch", t.iters_per_epoch)
-    if t.iter_in_epoch and old_ipe != t.iters_per_epoch:
-        t.log.warning("steps per epoch changed (%d -> %d): restarting epoch %d from its first batch",
-                         old_ipe, t.iters_per_epoch, t.epoch + 1)
-        t.iter_in_epoch = 0
+    if old_ipe != t.iters_per_epoch:
+        if t.iter_in_epoch:
+            t.log.warning("steps per epoch changed (%d -> %d): restarting epoch %d from its first batch",
+                          old_ipe, t.iters_per_epoch, t.epoch + 1)
+            t.iter_in_epoch = 0
+        # the schedule is defined over epochs: continue at this epoch's start counted in the new steps, so
+        # warmup is not entered again and the schedule still ends exactly at train.epochs
+        t.scheduler.load_state_dict({"last_step": t.epoch * t.iters_per_epoch})
+        t.log.warning("steps per epoch changed (%d -> %d, e.g. train.batch_size changed): the LR schedule "
+                      "continues from epoch %d", old_ipe, t.iters_per_epoch, t.epoch)
     rng = state.get("rng") or []
     if len(rng) == t.dist.world_size:
         restore_rng_state(rng[t.dist.rank])
