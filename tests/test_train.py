@@ -227,3 +227,21 @@ def test_resume_with_another_batch_size_keeps_the_schedule_in_epochs(tmp_path):
     assert t.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
     assert t.train()["status"] == "done" and t.step == 4 + 2 * 8
     assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine's end, not 0.004
+
+
+class EvalNaNNet(TinyNet):
+    """Finite in training, nan in eval: what diverged running statistics (CE momentum 5) do."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if self.training else out * float("nan")
+
+
+def test_nonfinite_validation_stops_without_best_checkpoint(tmp_path):
+    """Issue 10.5: a nan validation loss stops the run (exit 3 through tools.train), saving nothing of it."""
+    from engine.guard import NonFiniteError
+    t = Trainer(tiny_cfg(tmp_path / "w"), model_fn=lambda cfg: EvalNaNNet(cfg["num_classes"]))
+    with pytest.raises(NonFiniteError, match=r"validation loss is nan after epoch 1 \(this epoch is not saved\)"):
+        t.train()
+    ckpts = tmp_path / "w" / "checkpoints"
+    assert not ckpts.exists() or not [n for n in os.listdir(ckpts) if n.endswith(".pth")]
