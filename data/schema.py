@@ -54,6 +54,16 @@ def _min(low):
     return check
 
 
+def _between(low, high):
+    def check(value, path):
+        if not low <= value <= high:
+            raise ConfigError(f"{path} must be in [{low}, {high:,}], got {value:,}")
+    return check
+
+
+MAX_SYNTHETIC = 10_000_000  # labels take 8 bytes each; the per-image seed must stay below 2**31
+
+
 def _prob(value, path):
     if not 0 <= value <= 1:
         raise ConfigError(f"{path} is a probability in [0, 1], got {value}")
@@ -123,8 +133,10 @@ DATA_SCHEMA = {
     "skip_bad_images": Field(False, "replace an unreadable image by the next readable one and log it (the count "
                              "is dataset.num_skipped) instead of stopping with an error"),
     "synthetic": {
-        "train_size": Field(1024, "synthetic: number of training images", check=_min(1)),
-        "val_size": Field(256, "synthetic: number of validation images", check=_min(1)),
+        "train_size": Field(1024, "synthetic: number of training images (at most 10,000,000)",
+                            check=_between(1, MAX_SYNTHETIC)),
+        "val_size": Field(256, "synthetic: number of validation images (at most 10,000,000)",
+                          check=_between(1, MAX_SYNTHETIC)),
         "num_classes": Field(None, "synthetic: number of classes; null = data.num_classes, else the model's, "
                              "else 10", type=(int,), nullable=True, check=_min(1)),
     },

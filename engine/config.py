@@ -166,8 +166,14 @@ def read_tree(path, _stack=()):
     if not os.path.isfile(path):
         where = f" (named in {_stack[-1]})" if _stack else ""
         raise ConfigError(f"config file {path} not found{where}; check the path")
-    with open(path, encoding="utf-8") as f:
-        tree = parse_yaml(f.read(), path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}; check its permissions") from None
+    tree = parse_yaml(text, path)
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
@@ -343,7 +349,11 @@ def dump(cfg, path=None):
     text = yaml.safe_dump(_unwrap(cfg), sort_keys=False, default_flow_style=None, width=100)
     if path is not None:
         tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):  # a failed write leaves nothing behind
+                os.remove(tmp)
     return text

@@ -161,7 +161,7 @@ def download(url, cache=None, expected=None, progress=False):
 
     # atomic_write removes the temporary file whenever fetch raises: nothing unverified is kept
     try:
-        atomic_write(dst, fetch)
+        atomic_write(dst, fetch, fix='set BLOCKLAB_CACHE to a writable folder')
     except CheckpointError:
         try:
             os.rmdir(os.path.dirname(dst))  # the URL's folder, when nothing else is in it

@@ -106,6 +106,13 @@ def resume(t):
             return
     except (CheckpointError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step") if not isinstance(state, dict)
+               or k not in state]
+    if missing:
+        what = "weights only (e.g. a model-zoo or exported file)" if "optimizer" in missing else \
+            f"no {', '.join(missing)}"
+        raise ConfigError(f"cannot resume from {path}: it holds {what}, not a training checkpoint of this "
+                          f"project; to start a new run from its weights set model.pretrained={path} instead")
     old = state.get("config") or {}
     old_model, new_model = old.get("model") or {}, t.cfg.model.to_dict()
     arch = [k for k in ARCH_KEYS if k in old_model and old_model[k] != new_model.get(k)]

@@ -112,7 +112,8 @@ class Trainer:
         err = None
         if self.dist.is_main:
             try:
-                check_writable(self.work_dir)
+                check_writable(self.work_dir, files=("config.yaml", "log.txt", "metrics.jsonl"),
+                               dirs=("checkpoints",) + (("tb",) if rt.tensorboard else ()))
                 dump(cfg, os.path.join(self.work_dir, "config.yaml"))
                 setup_console(0, os.path.join(self.work_dir, "log.txt"))
             except (CheckpointError, OSError) as e:

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from engine import hub
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.hub import HubError, resolve_checkpoint
 from tools import zoo_table
 
@@ -218,3 +218,19 @@ def test_export_roundtrip(tmp_path):
     other.write_text(TINY_CONFIG.replace('num_classes: 10', 'num_classes: 7'))
     assert export.main([str(ckpt), '--name', 'x', '--config', str(other), '--index', index]) == 2
     assert list(yaml.safe_load(open(index))['models']) == ['tiny_r20']
+
+
+def test_unwritable_cache_names_blocklab_cache(tmp_path, monkeypatch):
+    """Issue 10.7: a read-only cache named runtime.work_dir as the setting to change."""
+    import errno
+    import tempfile
+    path, _ = _weights(tmp_path)
+    cache = tmp_path / 'ro_cache'
+
+    def read_only(*args, dir=None, **kwargs):  # root can write anywhere: refuse like a read-only mount would
+        raise PermissionError(errno.EACCES, 'Permission denied', dir)
+    monkeypatch.setattr(tempfile, 'mkstemp', read_only)
+    with pytest.raises(CheckpointError, match=r'could not write .*ro_cache.*: permission denied; set BLOCKLAB_CACHE to a '
+                                       r'writable folder') as info:
+        resolve_checkpoint(path.as_uri(), cache_dir=str(cache))
+    assert 'work_dir' not in str(info.value)
