@@ -123,6 +123,11 @@ class CE(nn.Module):
                "eps": Option(float, low=0, low_open=True), "reduction": Option(int, low=1),
                "sync_stats": Option(bool), "stem_group_channels": Option(int, low=1)}
 
+    @classmethod
+    def min_side(cls, pooling=False, **options):
+        """Smallest feature map side the options allow: pooling takes 2x2 maxima, so 2."""
+        return 2 if pooling else 1
+
     def __init__(self, channels, group_channels=16, newton_iters=3, pooling=False, momentum=0.1,
                  eps=1e-5, reduction=4, sync_stats=False, stem_group_channels=64):
         super().__init__()

@@ -321,6 +321,7 @@ def from_tree(tree, overrides=(), schema=None, where="config"):
         tree = validate(tree, schema)
         if real:
             _validate_model(tree["model"])
+            _check_input_size(tree)
         if "train" in schema:
             from engine.schema import cross_check
             cross_check(tree)
@@ -336,6 +337,16 @@ def _validate_model(model_cfg):
     import models
     if hasattr(models, "validate_model_cfg"):
         models.validate_model_cfg(model_cfg)
+
+
+def _check_input_size(tree):
+    import importlib.util
+    if importlib.util.find_spec("models") is None or importlib.util.find_spec("data") is None:
+        return
+    import models
+    from data.recipe import build_recipe
+    if hasattr(models, "check_input_size"):
+        models.check_input_size(tree["model"], build_recipe(tree["data"]).input_size)
 
 
 def load_config(path, overrides=(), schema=None):

@@ -133,4 +133,29 @@ def _check_options(cls, options, where):
         raise ConfigError(str(e)) from None
 
 
-__all__ = ["build_model", "validate_model_cfg", "BACKBONES", "get_conv"]
+def check_input_size(model_cfg, input_size):
+    """Refuse a plug-in whose options need larger feature maps than its places get at ``input_size``.
+
+    A block class may say the smallest map side its options allow (``min_side(**options)``);
+    a place's side is the input side halved (rounding up) once per stride-2 step before it.
+    """
+    name = _get(model_cfg, "backbone")
+    cls = BACKBONES[name][1]
+    for i, spec in enumerate(parse_plugins(_get(model_cfg, "plugins", []) or [])):
+        if not hasattr(spec.cls, "min_side"):
+            continue
+        need = spec.cls.min_side(**spec.options)
+        places = [("its stem", cls.stem_halvings)] if spec.stem else []
+        places += [(f"stage {s}", cls.stage_halvings[s - 1]) for s in spec.stages or range(1, cls.num_stages + 1)]
+        for where, halvings in places:
+            side = input_size
+            for _ in range(halvings):
+                side = -(-side // 2)
+            if side < need:
+                raise ConfigError(f"model.plugins.{i}: block '{spec.type}' with these options needs feature maps of "
+                                  f"at least {need}x{need}, but {where} of {name} has {side}x{side} at input size "
+                                  f"{input_size}; leave that stage out of 'stages', change the options "
+                                  f"or raise data.input_size")
+
+
+__all__ = ["build_model", "validate_model_cfg", "check_input_size", "BACKBONES", "get_conv"]

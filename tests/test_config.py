@@ -282,3 +282,23 @@ def test_silently_ignored_values_are_refused(tmp_path, override, message):
     if override.startswith("model.conv.exclude"):
         with pytest.raises(ConfigError, match=r"model\.conv\.exclude="):  # also with a we conv (where it matters)
             load_config(path, ["model.conv={type: we}", override])
+
+
+def test_ce_pooling_on_1x1_maps_is_refused_at_load(tmp_path):
+    """Issue 10.6: CE pooling: true where a stage's maps are 1x1 loaded fine and crashed at step 1."""
+    import torch
+
+    from models import build_model
+    path = write(tmp_path, "r18.yaml", SMALL.replace("cifar_resnet20", "resnet18").replace("input_size: 16",
+                                                                                           "input_size: 32"))
+    with pytest.raises(ConfigError, match=r"model\.plugins\.0: block 'ce' with these options needs feature maps of "
+                                          r"at least 2x2, but stage 4 of resnet18 has 1x1 at input size 32"):
+        load_config(path, ["model.plugins=[{type: ce, pooling: true}]"])
+    with pytest.raises(ConfigError, match=r"its stem of resnet18 has 1x1 at input size 2"):
+        load_config(path, ["model.plugins=[{type: ce, pooling: true, stages: [], stem: true}]", "data.input_size=2"])
+    ok = load_config(path, ["model.plugins=[{type: ce, pooling: true, stages: [1, 2, 3]}]"])
+    model = build_model(ok.model).train()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)  # the accepted stages really run
+    refused = dict(ok.model, plugins=[{"type": "ce", "pooling": True, "stages": [4]}])
+    with pytest.raises(RuntimeError):  # what the refusal saves the user from
+        build_model(refused).train()(torch.randn(2, 3, 32, 32))
