@@ -218,3 +218,32 @@ def test_command_line_exit_code(tmp_path):
     assert p.stderr.strip().splitlines()[-1].startswith('error: refusing to unpickle code from')
     assert 'Traceback' not in p.stderr
     assert not (tmp_path / 'work').exists() and not (tmp_path / 'PWNED').exists()
+
+
+def test_late_refusals_through_train_sh_with_two_processes_and_workers(tmp_path):
+    """Issue 10.7/10.8 on the path users run: ./train.sh, 2 processes, data workers; nothing is written."""
+    from PIL import Image
+    root = tmp_path / 'images'
+    lines = []
+    for i in range(12):
+        (root / 'train' / f'c{i % 2}').mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (20, 20), (i * 20, 0, 0)).save(root / 'train' / f'c{i % 2}' / f'{i}.png')
+        lines.append(f'c{i % 2}/{i}.png {i % 2}')
+    (root / 'train.txt').write_text('\n'.join(lines) + '\n')
+    (root / 'train' / 'c1' / '9.png').unlink()
+    (tmp_path / 'w_metrics').mkdir()
+    (tmp_path / 'w_metrics' / 'metrics.jsonl').mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')}
+    common = [os.path.join(REPO, 'train.sh'), str(tmp_path / 'base.yaml'), '2', 'data.workers=2']
+    (tmp_path / 'base.yaml').write_text(BASE)
+    cases = [([f'data.dataset=imagenet_list', f'data.root={root}', 'data.val_dir=train', 'data.val_list=train.txt',
+               'model.num_classes=2', 'data.input_size=16', f'runtime.work_dir={tmp_path}/w_list'], 2,
+              r'1 of 12 listed images are missing, the first .*c1/9\.png \(line 10 of .*train\.txt\)', 'w_list'),
+             ([f'runtime.work_dir={tmp_path}/w_metrics'], 74,
+              r'w_metrics/metrics\.jsonl is a folder where the run writes its metrics\.jsonl file', 'w_metrics')]
+    for extra, code, message, work in cases:
+        before = snapshot(tmp_path / work)
+        r = subprocess.run(common + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == code, r.stdout + r.stderr
+        assert re.search(message, r.stderr), r.stderr
+        assert snapshot(tmp_path / work) == before, 'the work directory changed'
