@@ -106,6 +106,12 @@ def resume(t):
             return
     except (CheckpointError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+    old = (state.get("config") if isinstance(state, dict) else None) or {}
+    old_model, new_model = old.get("model") or {}, t.cfg.model.to_dict()
+    arch = [k for k in ARCH_KEYS if k in old_model and old_model[k] != new_model.get(k)]
+    if arch:
+        raise ConfigError(f"{path} was trained with a different model ({', '.join(arch)} differ); use a new "
+                          f"runtime.work_dir or set runtime.auto_resume=false")
     missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step") if not isinstance(state, dict)
                or k not in state]
     if missing:
@@ -113,12 +119,6 @@ def resume(t):
             f"no {', '.join(missing)}"
         raise ConfigError(f"cannot resume from {path}: it holds {what}, not a training checkpoint of this "
                           f"project; to start a new run from its weights set model.pretrained={path} instead")
-    old = state.get("config") or {}
-    old_model, new_model = old.get("model") or {}, t.cfg.model.to_dict()
-    arch = [k for k in ARCH_KEYS if k in old_model and old_model[k] != new_model.get(k)]
-    if arch:
-        raise ConfigError(f"{path} was trained with a different model ({', '.join(arch)} differ); use a new "
-                          f"runtime.work_dir or set runtime.auto_resume=false")
     changed = config_diff(old, t.cfg.to_dict()) if old else []
     if changed:
         t.log.warning("resuming with a changed config: %s", ", ".join(changed))
