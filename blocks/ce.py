@@ -77,7 +77,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ce_ops import CentredMoments, GradLink, Mix, all_reduce_sum, newton_isqrt, variance_from_sums
-from .registry import register_block
+from .registry import Option, register_block
 
 
 def _group_size(channels, group_channels):
@@ -117,6 +117,16 @@ class CE(nn.Module):
     """
 
     no_weight_decay = ("theta",)  # the BD/IR mixing logit: exempt with train.wd_exempt: [marked]
+
+    OPTIONS = {"group_channels": Option(int, low=1), "newton_iters": Option(int, low=0),
+               "pooling": Option(bool), "momentum": Option(float, low=0, high=1),
+               "eps": Option(float, low=0, low_open=True), "reduction": Option(int, low=1),
+               "sync_stats": Option(bool), "stem_group_channels": Option(int, low=1)}
+
+    @classmethod
+    def min_side(cls, pooling=False, **options):
+        """Smallest feature map side the options allow: pooling takes 2x2 maxima, so 2."""
+        return 2 if pooling else 1
 
     def __init__(self, channels, group_channels=16, newton_iters=3, pooling=False, momentum=0.1,
                  eps=1e-5, reduction=4, sync_stats=False, stem_group_channels=64):

@@ -9,14 +9,17 @@ shortcuts) and ``head`` (MobileNetV2's final 1x1 conv).
 """
 import torch.nn as nn
 
-from .registry import get_conv, options_of, register_conv
+from .registry import CONV_CALL_ARGS, Option, get_conv, options_of, register_conv
 
 ROLES = ("stem", "regular", "depthwise", "downsample", "head")
+EXCLUDE = Option(list, choices=ROLES)  # model.conv.exclude, for every conv type
 
 
 @register_conv("plain")
 class PlainConv2d(nn.Conv2d):
     """``nn.Conv2d`` under the registry's calling convention (state-dict identical)."""
+
+    OPTIONS = {}
 
 
 class ConvFactory:
@@ -42,6 +45,4 @@ class ConvFactory:
 
 def conv_option_names(conv_type):
     """Options a conv type accepts in the config (beyond ``type`` and ``exclude``)."""
-    return set(options_of(get_conv(conv_type), skip=3)) - {"stride", "padding", "groups", "bias",
-                                                            "dilation", "padding_mode",
-                                                            "device", "dtype"}
+    return set(options_of(get_conv(conv_type), skip=3)) - CONV_CALL_ARGS

@@ -47,7 +47,7 @@ import math
 
 import torch.nn as nn
 
-from .registry import register_block
+from .registry import Option, register_block
 
 VARIANTS = (None, "A", "B")
 
@@ -135,6 +135,8 @@ class ED(nn.Module):
     reduction: p = C // reduction (4 for ED-ResNet, 2 for ED-ResNeXt-32x4d as in the original).
     variant: None, 'A' or 'B'; changes only the host's branch width (see ``branch_width``).
     """
+
+    OPTIONS = {"groups": Option(int, low=1), "reduction": Option(int, low=1), "variant": Option(str, choices=VARIANTS)}
 
     def __init__(self, channels, groups=32, reduction=4, variant=None):
         super().__init__()

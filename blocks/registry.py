@@ -1,16 +1,83 @@
-"""Name -> class registries for plug-in blocks and conv types.
+"""Name -> class registries for plug-in blocks and conv types, and their option declarations.
 
 Configs name blocks (``{type: ce}``) and convs (``conv: {type: we}``); the
 backbones look them up here. A block is an ``nn.Module`` built as
 ``cls(channels, **options)``; its keyword arguments are its config options, so
 the config loader can refuse unknown options by introspecting the signature.
+Beside its constructor every block and conv declares what each option accepts,
+``OPTIONS = {name: Option(...)}``; registering a class whose declarations and
+keyword arguments differ fails, so no option reaches a model unchecked.
 """
 import difflib
 import inspect
+import math
+from dataclasses import dataclass
 
 BLOCKS = {}
 CONVS = {}
 POSITIONS = ("after_norm", "parallel")
+# conv constructor arguments the backbone passes (not config options)
+CONV_CALL_ARGS = frozenset({"stride", "padding", "groups", "bias", "dilation", "padding_mode", "device", "dtype"})
+
+
+@dataclass(frozen=True)
+class Option:
+    """What one block/conv option accepts: ``type`` (bool, int, float or list), an inclusive
+    range ``[low, high]`` for numbers (``low_open``: low itself excluded), or ``choices``
+    (for a list, the choices of its items). Floats must be finite; int is accepted for float.
+    """
+    type: type
+    low: float = None
+    high: float = None
+    low_open: bool = False
+    choices: tuple = None
+
+    def allowed(self):
+        """The accepted values in words, e.g. 'an integer >= 1' or 'a number in [0, 1]'."""
+        if self.type is list:
+            return f"a list of {', '.join(map(str, self.choices))}" if self.choices else "a list"
+        if self.choices is not None:
+            return "one of " + ", ".join("null" if c is None else repr(c) for c in self.choices)
+        what = {bool: "true or false", int: "an integer", float: "a number"}[self.type]
+        if self.low is not None and self.high is not None:
+            return f"{what} in {'(' if self.low_open else '['}{self.low}, {self.high}]"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {self.low}"
+        return what
+
+    def accepts(self, value):
+        if self.type is list:
+            return isinstance(value, (list, tuple)) and (
+                self.choices is None or all(isinstance(x, str) and x in self.choices for x in value))
+        if self.choices is not None:
+            return value in self.choices and isinstance(value, (str, type(None)))
+        types = (int, float) if self.type is float else (self.type,)
+        if not isinstance(value, types) or (isinstance(value, bool) and self.type is not bool):
+            return False
+        if self.type is bool:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value <= self.high
+
+
+def check_options(cls, options, where):
+    """Raise ValueError naming ``where.<key>`` and the allowed values for the first option ``cls`` refuses."""
+    for key, value in options.items():
+        spec = cls.OPTIONS.get(key)
+        if spec is not None and not spec.accepts(value):
+            owner = f"block '{cls.block_name}'" if hasattr(cls, "block_name") else f"conv '{cls.conv_name}'"
+            raise ValueError(f"{where}.{key}={value!r}: {owner} takes {spec.allowed()} for '{key}'; change it")
+
+
+def _check_declared(cls, offered, kind):
+    declared = set(getattr(cls, "OPTIONS", {}))
+    if declared != set(offered):
+        raise ValueError(f"{kind} {cls.__name__}: OPTIONS must declare exactly its constructor's options "
+                         f"{sorted(offered)}; undeclared: {sorted(set(offered) - declared)}, "
+                         f"not an option: {sorted(declared - set(offered))}")
 
 
 def _nearest(name, names):
@@ -32,6 +99,7 @@ def register_block(name, positions=("after_norm",), stem=False):
     def deco(cls):
         if name in BLOCKS:
             raise ValueError(f"block '{name}' is registered twice")
+        _check_declared(cls, options_of(cls, skip=1), "block")
         cls.block_name, cls.positions, cls.stem_ok = name, tuple(positions), stem
         BLOCKS[name] = cls
         return cls
@@ -43,6 +111,7 @@ def register_conv(name):
     def deco(cls):
         if name in CONVS:
             raise ValueError(f"conv type '{name}' is registered twice")
+        _check_declared(cls, set(options_of(cls, skip=3)) - CONV_CALL_ARGS, "conv")
         cls.conv_name = name
         CONVS[name] = cls
         return cls

@@ -7,12 +7,14 @@ before the shortcut addition.
 """
 import torch.nn as nn
 
-from .registry import register_block
+from .registry import Option, register_block
 
 
 @register_block("se", positions=("after_norm",))
 class SE(nn.Module):
     """Channel gating from globally pooled features (reduction ``reduction``)."""
+
+    OPTIONS = {"reduction": Option(int, low=1)}
 
     def __init__(self, channels, reduction=16):
         super().__init__()

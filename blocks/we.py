@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .registry import register_conv
+from .registry import Option, register_conv
 
 __all__ = ["LWE", "WEConv2d", "fold_we"]
 
@@ -191,6 +191,9 @@ class WEConv2d(nn.Conv2d):
     ``max(in_channels // r, 1)``); ``mwe_margin`` is the paper's epsilon_A
     (``M_A = (1 + mwe_margin) * max|W|``); ``ws_eps`` is WS's epsilon.
     """
+
+    OPTIONS = {"lwe": Option(bool), "mwe": Option(bool), "ws": Option(bool), "reduction": Option(int, low=1),
+               "mwe_margin": Option(float, low=0, low_open=True), "ws_eps": Option(float, low=0, low_open=True)}
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1,
                  bias=False, dilation=1, lwe=True, mwe=True, ws=False, reduction=16,

@@ -48,12 +48,13 @@ def build_dataset(data_cfg, split, num_classes=None):
     if kind in ("imagenet_folder", "imagenet_list"):
         root = _root(cfg)
         transform = FileTrain(recipe) if train else FileEval(recipe)
+        verify = 0 if cfg["skip_bad_images"] else cfg["verify_images"]  # skipping them was asked for
         image_dir = os.path.join(root, cfg["train_dir"] if train else cfg["val_dir"])
         if kind == "imagenet_folder":
             other = None if train else os.path.join(root, cfg["train_dir"])
-            return folder_dataset(image_dir, transform, expected, other, cfg["skip_bad_images"])
+            return folder_dataset(image_dir, transform, expected, other, cfg["skip_bad_images"], verify)
         list_path = os.path.join(root, cfg["train_list"] if train else cfg["val_list"])
-        return list_dataset(image_dir, list_path, transform, expected, cfg["skip_bad_images"])
+        return list_dataset(image_dir, list_path, transform, expected, cfg["skip_bad_images"], verify)
 
     transform = ArrayTrain(recipe) if train else ArrayEval(recipe)
     if kind in CIFAR:

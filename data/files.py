@@ -4,8 +4,10 @@ List files are the CENet / ED-Net format: one ``relative/path label`` per line (
 lines ignored; the path may contain spaces, the label is the last field). Everything
 that can be checked without decoding is checked when the dataset is built: missing
 folders and files, unparsable lines, labels outside [0, num_classes), empty class
-folders, class trees whose train and val folders disagree. Unreadable images surface
-when they are loaded, naming the file (and its list line).
+folders, class trees whose train and val folders disagree, listed files that do not exist,
+symlinked folders reached twice; and for small sets, images that are empty, cut short or
+no image at all (``data/index_check.py``). Other unreadable images surface when they are
+loaded, naming the file (and its list line).
 """
 import logging
 import multiprocessing as mp
@@ -14,10 +16,11 @@ import os
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from .decode import BadImage, read_bytes
 from .errors import DataError
+from .index_check import check_index
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_BAD = 50
@@ -119,7 +122,8 @@ def scan_folder(image_dir, expected_classes=None, reference_dir=None):
             raise DataError(f"class folders of {image_dir} differ from those of {reference_dir} (e.g. {diff}); "
                             f"labels would not match between splits; make both trees hold the same classes")
     _check_num_classes(len(classes), expected_classes, image_dir)
-    samples = make_dataset(image_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    seen = {os.path.realpath(image_dir): image_dir}  # a link back to the root is a loop too
+    samples = [(p, class_to_idx[c]) for c in classes for p in _class_files(os.path.join(image_dir, c), seen)]
     counts = np.bincount([c for _, c in samples], minlength=len(classes))
     if (counts == 0).any():
         empty = classes[int(np.argmin(counts))]
@@ -128,6 +132,24 @@ def scan_folder(image_dir, expected_classes=None, reference_dir=None):
     prefix = os.path.join(os.path.expanduser(image_dir), "")
     paths = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, image_dir) for p, _ in samples]
     return paths, [c for _, c in samples], classes
+
+
+def _class_files(class_dir, seen):
+    """Image files under ``class_dir`` in ImageFolder's order (links followed, as torchvision does).
+
+    ``seen`` maps the real path of every folder scanned so far to the name it was reached by; a
+    folder reached twice (a symlink loop, or a link to another class) is refused: its images
+    would be counted again, under this class's label.
+    """
+    found = []
+    for root, _, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            raise DataError(f"folder {root} is {seen[real]} again (a symlink loop or a link to another folder "
+                            f"of the tree): its images would be counted twice and mislabelled; remove the link")
+        seen[real] = root
+        found.append((root, sorted(f for f in files if f.lower().endswith(IMG_EXTENSIONS))))
+    return [os.path.join(root, f) for root, names in sorted(found) for f in names]
 
 
 def parse_list(list_path, num_classes=None):
@@ -165,19 +187,18 @@ def parse_list(list_path, num_classes=None):
     return paths, labels, lines
 
 
-def folder_dataset(image_dir, transform, num_classes=None, reference_dir=None, skip_bad_images=False):
+def folder_dataset(image_dir, transform, num_classes=None, reference_dir=None, skip_bad_images=False,
+                   verify_images=0):
     paths, labels, classes = scan_folder(image_dir, num_classes, reference_dir)
+    check_index(image_dir, paths, lambda i: "", verify_images)
     return ImageFiles(image_dir, paths, labels, len(classes), transform, source=image_dir, classes=classes,
                       skip_bad_images=skip_bad_images)
 
 
-def list_dataset(image_dir, list_path, transform, num_classes=None, skip_bad_images=False):
+def list_dataset(image_dir, list_path, transform, num_classes=None, skip_bad_images=False, verify_images=0):
     _need_dir(image_dir, "image folder")
     paths, labels, lines = parse_list(list_path, num_classes)
-    first = os.path.join(image_dir, paths[0])
-    if not os.path.isfile(first):
-        raise DataError(f"{first} (line {lines[0]} of {list_path}) not found; list paths are relative to "
-                        f"{image_dir}: check data.root and data.train_dir/val_dir")
+    check_index(image_dir, paths, lambda i: f" (line {lines[i]} of {list_path})", verify_images)
     found = num_classes if num_classes is not None else max(labels) + 1
     return ImageFiles(image_dir, paths, labels, found, transform, source=list_path, lines=lines,
                       skip_bad_images=skip_bad_images)

@@ -9,7 +9,7 @@ small shifts and no flip. The batch size is not here: the engine passes it.
 import difflib
 from collections.abc import Mapping
 
-from engine.fields import ConfigError, Field
+from engine.fields import ConfigError, Field, refuse_non_finite
 
 DATASETS = ("imagenet_folder", "imagenet_list", "cifar10", "cifar100", "digits", "synthetic")
 NORMALIZE = ("auto", "imagenet", "cifar10", "cifar100", "digits", "half", "none")
@@ -52,6 +52,16 @@ def _min(low):
         if value < low:
             raise ConfigError(f"{path} must be >= {low}, got {value}")
     return check
+
+
+def _between(low, high):
+    def check(value, path):
+        if not low <= value <= high:
+            raise ConfigError(f"{path} must be in [{low}, {high:,}], got {value:,}")
+    return check
+
+
+MAX_SYNTHETIC = 10_000_000  # labels take 8 bytes each; the per-image seed must stay below 2**31
 
 
 def _prob(value, path):
@@ -117,11 +127,16 @@ DATA_SCHEMA = {
     "prefetch_factor": Field(2, "batches each worker loads ahead", check=_min(1)),
     "pin_memory": Field(True, "page-locked batches for asynchronous host-to-GPU copies (ignored without CUDA)"),
     "persistent_workers": Field(True, "keep worker processes alive between epochs"),
+    "verify_images": Field(50000, "image folders/lists of at most this many files: check every image's header "
+                           "and end marker before the run starts (about 80 us per file; 0: never); every "
+                           "listed file's existence is always checked", check=_min(0)),
     "skip_bad_images": Field(False, "replace an unreadable image by the next readable one and log it (the count "
                              "is dataset.num_skipped) instead of stopping with an error"),
     "synthetic": {
-        "train_size": Field(1024, "synthetic: number of training images", check=_min(1)),
-        "val_size": Field(256, "synthetic: number of validation images", check=_min(1)),
+        "train_size": Field(1024, "synthetic: number of training images (at most 10,000,000)",
+                            check=_between(1, MAX_SYNTHETIC)),
+        "val_size": Field(256, "synthetic: number of validation images (at most 10,000,000)",
+                          check=_between(1, MAX_SYNTHETIC)),
         "num_classes": Field(None, "synthetic: number of classes; null = data.num_classes, else the model's, "
                              "else 10", type=(int,), nullable=True, check=_min(1)),
     },
@@ -140,6 +155,7 @@ def _check_value(field, value, path):
         value = list(value)
     if not isinstance(value, types):
         raise ConfigError(f"{path} must be {'/'.join(t.__name__ for t in types)}, got {value!r}")
+    refuse_non_finite(value, path)
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"{path} must be one of {list(field.choices)}, got {value!r}")
     if field.check is not None:

@@ -121,7 +121,7 @@ def _tmp_path(path):
     return tmp
 
 
-def _why(exc):
+def _why(exc, fix='pick a writable runtime.work_dir'):
     cause = exc
     while cause is not None and not isinstance(cause, OSError):  # torch wraps writer errors in RuntimeError
         cause = cause.__cause__ or cause.__context__
@@ -130,21 +130,24 @@ def _why(exc):
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return 'no space left on device; free some space or lower runtime.keep_last'
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return 'permission denied; pick a writable runtime.work_dir'
+        return f'permission denied; {fix}'
     if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
+        return f'{exc.strerror or exc}; {fix}'
     return f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}'
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, fix='pick a writable runtime.work_dir'):
     """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place.
 
     On any failure the temporary file is removed and ``path`` is left as it was;
-    OSError and other exceptions become a one-line :class:`CheckpointError`.
+    OSError and other exceptions become a one-line :class:`CheckpointError`
+    (``fix`` names the setting to change when ``path`` is not writable).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
+    if os.path.isfile(directory):
+        raise CheckpointError(f'could not write {path}: {directory} is a file, not a folder; {fix}')
     try:
         os.makedirs(directory, exist_ok=True)
         tmp = _tmp_path(path)
@@ -161,7 +164,8 @@ def atomic_write(path, write):
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f'could not write {path}: {_why(exc)} (the previous file, if any, is intact)') from exc
+        raise CheckpointError(f'could not write {path}: {_why(exc, fix)} (the previous file, if any, '
+                              f'is intact)') from exc
     finally:
         if tmp is not None:
             try:
@@ -185,11 +189,13 @@ _FOREIGN = {b'\x89HDF': 'an HDF5 file', b'\x1f\x8b': 'a gzip/tar.gz file', b'\x9
             b'PK\x03\x04': 'a zip archive', b'{': 'a JSON/text file', b'<': 'an HTML/XML page'}
 
 
-def _first_line(exc):
+def _first_line(exc, limit=300):
     text = str(exc)
     m = re.search(r'WeightsUnpickler error:\s*(.+)', text)
     line = (m.group(1) if m else text).strip().splitlines()
-    return line[0][:200] if line else type(exc).__name__
+    if not line:
+        return type(exc).__name__
+    return line[0] if len(line[0]) <= limit else line[0][:limit].rsplit(' ', 1)[0] + ' ...'  # whole words
 
 
 def describe_file(path):
@@ -261,6 +267,11 @@ def load_checkpoint(path, map_location='cpu'):
             raise CheckpointError(
                 f'refusing to unpickle code from {path}{needs}; it was not saved as plain tensors/containers; '
                 f'if you trust it, convert it with `{CONVERT_HINT} {path} OUT.pth`') from None
+        newer = re.search(r'file with version (\d+), but the maximum supported version for reading is (\d+)', str(exc))
+        if newer:
+            raise CheckpointError(f'checkpoint {path} was written by a newer PyTorch (file format version '
+                                  f'{newer.group(1)}; this torch {torch.__version__} reads up to {newer.group(2)}): '
+                                  f'upgrade torch (pip install -U torch) to read it') from None
         if isinstance(exc, EOFError) or 'EOF' in detail or 'out of input' in detail:
             raise CheckpointError(f'checkpoint {path} is truncated ({detail}): re-copy or re-download it') from None
         raise CheckpointError(f'checkpoint {path} is corrupt or not a PyTorch checkpoint ({detail})') from None

@@ -31,16 +31,23 @@ BEST_META = 'best.json'
 
 # ----------------------------------------------------------------------------- work directory
 
-def check_writable(work_dir, need_bytes=0):
+def check_writable(work_dir, need_bytes=0, files=(), dirs=()):
     """Fail early (before the first step) if ``work_dir`` cannot hold a checkpoint.
 
-    Creates ``work_dir`` if needed, writes and removes a probe file, and checks
-    that at least ``need_bytes`` are free (pass about twice the checkpoint size:
-    the new file is written before the old one is removed).
+    Checks that the names in ``files`` / ``dirs`` (what the run will write there) are
+    absent or of that kind, creates ``work_dir`` if needed, writes and removes a probe
+    file, and checks that at least ``need_bytes`` are free (pass about twice the
+    checkpoint size: the new file is written before the old one is removed).
     """
     work_dir = os.fspath(work_dir)
     if os.path.exists(work_dir) and not os.path.isdir(work_dir):
         raise CheckpointError(f'work_dir {work_dir} is a file, not a directory; pick another runtime.work_dir')
+    for names, kind, wrong in ((files, 'file', os.path.isdir), (dirs, 'folder', os.path.isfile)):
+        for name in names:
+            path = os.path.join(work_dir, name)
+            if wrong(path):
+                raise CheckpointError(f'{path} is a {"folder" if kind == "file" else "file"} where the run writes '
+                                      f'its {name} {kind}; move it away or pick another runtime.work_dir')
     try:
         os.makedirs(work_dir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix='.write_probe.', dir=work_dir)

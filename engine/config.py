@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import yaml
 
-from engine.fields import ConfigError, Field
+from engine.fields import ConfigError, Field, refuse_non_finite
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
@@ -166,8 +166,14 @@ def read_tree(path, _stack=()):
     if not os.path.isfile(path):
         where = f" (named in {_stack[-1]})" if _stack else ""
         raise ConfigError(f"config file {path} not found{where}; check the path")
-    with open(path, encoding="utf-8") as f:
-        tree = parse_yaml(f.read(), path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}; check its permissions") from None
+    tree = parse_yaml(text, path)
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
@@ -265,6 +271,7 @@ def check_value(value, field, path):
     if not ok:
         raise ConfigError(f"{path} must be {_type_name(types)}, got {value!r} "
                           f"({type(value).__name__}); e.g. {path}={field.default!r}")
+    refuse_non_finite(value, path)
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"{path}={value!r} is not one of {list(field.choices)}"
                           f"{_nearest_msg(value, field.choices)}")
@@ -314,6 +321,7 @@ def from_tree(tree, overrides=(), schema=None, where="config"):
         tree = validate(tree, schema)
         if real:
             _validate_model(tree["model"])
+            _check_input_size(tree)
         if "train" in schema:
             from engine.schema import cross_check
             cross_check(tree)
@@ -331,6 +339,16 @@ def _validate_model(model_cfg):
         models.validate_model_cfg(model_cfg)
 
 
+def _check_input_size(tree):
+    import importlib.util
+    if importlib.util.find_spec("models") is None or importlib.util.find_spec("data") is None:
+        return
+    import models
+    from data.recipe import build_recipe
+    if hasattr(models, "check_input_size"):
+        models.check_input_size(tree["model"], build_recipe(tree["data"]).input_size)
+
+
 def load_config(path, overrides=(), schema=None):
     """Read ``path`` (with ``_base_`` files), apply ``overrides`` and check against the schema."""
     cfg = from_tree(read_tree(path), overrides, schema, where=os.path.relpath(path))
@@ -342,7 +360,11 @@ def dump(cfg, path=None):
     text = yaml.safe_dump(_unwrap(cfg), sort_keys=False, default_flow_style=None, width=100)
     if path is not None:
         tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):  # a failed write leaves nothing behind
+                os.remove(tmp)
     return text

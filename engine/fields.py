@@ -5,6 +5,7 @@ config (model, data, train, ...) owns its schema next to the code that reads it
 (``models/schema.py``, ``data/schema.py``, ``engine/schema.py``); the loader in
 ``engine/config.py`` checks a merged YAML tree against the union of them.
 """
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
@@ -36,3 +37,17 @@ class Field:
             return (object,)
         t = type(self.default)
         return (int, float) if t is float else (t,)
+
+
+def non_finite(value):
+    """True for a float nan/inf or a list holding one: no config key means them (null is 'off')."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(non_finite(v) for v in value)
+    return False
+
+
+def refuse_non_finite(value, path):
+    if non_finite(value):
+        raise ConfigError(f"{path}={value!r} is not a finite number; give a real value (or null where allowed)")

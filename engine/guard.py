@@ -8,7 +8,8 @@ code  name                meaning
 0     EXIT_OK             training finished
 1     EXIT_ERROR          unexpected error (a bug: the traceback is printed)
 2     EXIT_USAGE          bad config, override, path, checkpoint or dataset (one-line message)
-3     EXIT_NONFINITE      loss was nan/inf for more than ``train.max_nonfinite`` steps in a row
+3     EXIT_NONFINITE      loss was nan/inf for more than ``train.max_nonfinite`` steps in a row,
+                          or the validation loss was nan/inf (that epoch is not saved)
 74    EXIT_IO             a checkpoint could not be written (disk full, permissions); EX_IOERR
 75    EXIT_PREEMPTED      SIGTERM/SIGUSR1 received: a checkpoint of the current step was saved;
                           run the same command again to resume (EX_TEMPFAIL: "try again")

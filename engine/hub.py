@@ -7,6 +7,11 @@
 * a URL (``http(s)://``, ``file://``), downloaded once into the cache
   (``$BLOCKLAB_CACHE`` or ``~/.cache/blocklab``) through a temporary file.
 
+The cache is content-addressed: a URL's file lives under a folder named by the
+sha256 of the whole URL (``checkpoints/<sha256(url)[:16]>/<name>``), so two URLs
+that end in the same file name (``.../A/best.pth``, ``.../B/best.pth``) never
+share a cached file.
+
 Downloads and zoo files are checked against a sha256: the index entry's, a
 ``#sha256=<hex>`` URL fragment, or the ``-<sha256[:8]>`` in the file name
 (torchvision's convention). A mismatch deletes the file and raises :class:`HubError`.
@@ -112,12 +117,19 @@ def _split_fragment(url):
     return base, (m.group(1).lower() if m else None)
 
 
+def cache_path(url, cache=None):
+    """Where ``url`` (without its ``#`` fragment) is cached: a folder per URL, keyed by its sha256."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or 'download.pth'
+    key = hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]
+    return os.path.join(cache_dir(cache), key, name)
+
+
 def download(url, cache=None, expected=None, progress=False):
     """Download ``url`` into the cache (once) and return the local path, verified against ``expected``."""
     url, frag_hash = _split_fragment(url)
-    name = os.path.basename(urllib.parse.urlparse(url).path) or 'download.pth'
+    dst = cache_path(url, cache)
+    name = os.path.basename(dst)
     expected = (expected or frag_hash or hash_from_name(name) or '').lower() or None
-    dst = os.path.join(cache_dir(cache), name)
     if os.path.isfile(dst):
         try:
             verify(dst, expected, dst)
@@ -148,7 +160,14 @@ def download(url, cache=None, expected=None, progress=False):
                            'the download was deleted and will not be used')
 
     # atomic_write removes the temporary file whenever fetch raises: nothing unverified is kept
-    atomic_write(dst, fetch)
+    try:
+        atomic_write(dst, fetch, fix='set BLOCKLAB_CACHE to a writable folder')
+    except CheckpointError:
+        try:
+            os.rmdir(os.path.dirname(dst))  # the URL's folder, when nothing else is in it
+        except OSError:
+            pass
+        raise
     return dst
 
 

@@ -106,12 +106,19 @@ def resume(t):
             return
     except (CheckpointError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
-    old = state.get("config") or {}
+    old = (state.get("config") if isinstance(state, dict) else None) or {}
     old_model, new_model = old.get("model") or {}, t.cfg.model.to_dict()
     arch = [k for k in ARCH_KEYS if k in old_model and old_model[k] != new_model.get(k)]
     if arch:
         raise ConfigError(f"{path} was trained with a different model ({', '.join(arch)} differ); use a new "
                           f"runtime.work_dir or set runtime.auto_resume=false")
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step") if not isinstance(state, dict)
+               or k not in state]
+    if missing:
+        what = "weights only (e.g. a model-zoo or exported file)" if "optimizer" in missing else \
+            f"no {', '.join(missing)}"
+        raise ConfigError(f"cannot resume from {path}: it holds {what}, not a training checkpoint of this "
+                          f"project; to start a new run from its weights set model.pretrained={path} instead")
     changed = config_diff(old, t.cfg.to_dict()) if old else []
     if changed:
         t.log.warning("resuming with a changed config: %s", ", ".join(changed))
@@ -132,10 +139,16 @@ def resume(t):
     t.iter_in_epoch = int(state.get("iter_in_epoch", 0))
     t.best_metric = state.get("best_metric")
     old_ipe = state["scheduler"].get("iters_per_epoch", t.iters_per_epoch)
-    if t.iter_in_epoch and old_ipe != t.iters_per_epoch:
-        t.log.warning("steps per epoch changed (%d -> %d): restarting epoch %d from its first batch",
-                         old_ipe, t.iters_per_epoch, t.epoch + 1)
-        t.iter_in_epoch = 0
+    if old_ipe != t.iters_per_epoch:
+        if t.iter_in_epoch:
+            t.log.warning("steps per epoch changed (%d -> %d): restarting epoch %d from its first batch",
+                          old_ipe, t.iters_per_epoch, t.epoch + 1)
+            t.iter_in_epoch = 0
+        # the schedule is defined over epochs: continue at this epoch's start counted in the new steps, so
+        # warmup is not entered again and the schedule still ends exactly at train.epochs
+        t.scheduler.load_state_dict({"last_step": t.epoch * t.iters_per_epoch})
+        t.log.warning("steps per epoch changed (%d -> %d, e.g. train.batch_size changed): the LR schedule "
+                      "continues from epoch %d", old_ipe, t.iters_per_epoch, t.epoch)
     rng = state.get("rng") or []
     if len(rng) == t.dist.world_size:
         restore_rng_state(rng[t.dist.rank])

@@ -112,7 +112,8 @@ class Trainer:
         err = None
         if self.dist.is_main:
             try:
-                check_writable(self.work_dir)
+                check_writable(self.work_dir, files=("config.yaml", "log.txt", "metrics.jsonl"),
+                               dirs=("checkpoints",) + (("tb",) if rt.tensorboard else ()))
                 dump(cfg, os.path.join(self.work_dir, "config.yaml"))
                 setup_console(0, os.path.join(self.work_dir, "log.txt"))
             except (CheckpointError, OSError) as e:
@@ -288,6 +289,12 @@ class Trainer:
             metrics.update({f"ema_{k}": v for k, v in evaluate(self.ema.module, self.val_loader, **ev).items()
                             if k != "count"})
         metrics["time_s"] = time.perf_counter() - start
+        bad = [k for k in ("loss", "ema_loss") if k in metrics and not np.isfinite(metrics[k])]
+        if bad:  # e.g. diverged running statistics: such weights must not become a checkpoint or best.pth
+            raise NonFiniteError(f"validation {bad[0].replace('_', ' ')} is {metrics[bad[0]]} after epoch "
+                                 f"{self.epoch} (this epoch is not saved); last good checkpoint: "
+                                 f"{self.ckpt.last_saved or self.ckpt.read_pointer() or 'none saved yet'}; check "
+                                 f"the block options and train.lr, then resume from it")
         if metrics["count"] != len(self.val_set):
             self.log.warning("evaluated %d images but the validation set has %d", metrics["count"], len(self.val_set))
         ema = f" | ema top1 {metrics['ema_top1']:.2f}" if self.ema is not None else ""

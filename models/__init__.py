@@ -8,8 +8,8 @@ import inspect
 
 import torch
 
-from blocks.conv import ConvFactory, conv_option_names
-from blocks.registry import CONVS, get_block, get_conv
+from blocks.conv import EXCLUDE, ConvFactory, conv_option_names
+from blocks.registry import CONVS, check_options, get_block, get_conv
 from engine.fields import ConfigError
 
 from .cifar_resnet import CifarResNet, build_cifar_resnet
@@ -70,6 +70,14 @@ def validate_model_cfg(model_cfg, build=True):
         if key not in conv_opts:
             raise ConfigError(f"model.conv.{key}: conv type '{conv_type}' has no option '{key}'"
                               f"{_nearest(key, conv_opts)}; valid: {', '.join(sorted(conv_opts))}")
+    exclude = conv_cfg.get("exclude", [])
+    if not EXCLUDE.accepts(exclude):
+        bad = [x for x in exclude if x not in EXCLUDE.choices] if isinstance(exclude, (list, tuple)) else []
+        what = f"'{bad[0]}' is not a conv role{_nearest(bad[0], EXCLUDE.choices)}" if bad else "must be a list"
+        raise ConfigError(f"model.conv.exclude={exclude!r}: {what}; write a list of roles "
+                          f"({', '.join(EXCLUDE.choices)}), e.g. model.conv.exclude=[stem]")
+    _check_options(get_conv(conv_type), {k: v for k, v in conv_cfg.items() if k not in ("type", "exclude")},
+                   "model.conv")
     _validate_plugins(_get(model_cfg, "plugins", []) or [], name, cls)
     if build:
         try:
@@ -115,6 +123,39 @@ def _validate_plugins(plugins, backbone, cls):
                 valid = sorted(set(opts) | set(SPEC_KEYS))
                 raise ConfigError(f"{where}.{key}: block '{block.block_name}' has no option '{key}'"
                                   f"{_nearest(key, valid)}; valid: {', '.join(valid)}")
+        _check_options(block, {k: v for k, v in raw.items() if k not in SPEC_KEYS}, where)
 
 
-__all__ = ["build_model", "validate_model_cfg", "BACKBONES", "get_conv"]
+def _check_options(cls, options, where):
+    try:
+        check_options(cls, options, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_input_size(model_cfg, input_size):
+    """Refuse a plug-in whose options need larger feature maps than its places get at ``input_size``.
+
+    A block class may say the smallest map side its options allow (``min_side(**options)``);
+    a place's side is the input side halved (rounding up) once per stride-2 step before it.
+    """
+    name = _get(model_cfg, "backbone")
+    cls = BACKBONES[name][1]
+    for i, spec in enumerate(parse_plugins(_get(model_cfg, "plugins", []) or [])):
+        if not hasattr(spec.cls, "min_side"):
+            continue
+        need = spec.cls.min_side(**spec.options)
+        places = [("its stem", cls.stem_halvings)] if spec.stem else []
+        places += [(f"stage {s}", cls.stage_halvings[s - 1]) for s in spec.stages or range(1, cls.num_stages + 1)]
+        for where, halvings in places:
+            side = input_size
+            for _ in range(halvings):
+                side = -(-side // 2)
+            if side < need:
+                raise ConfigError(f"model.plugins.{i}: block '{spec.type}' with these options needs feature maps of "
+                                  f"at least {need}x{need}, but {where} of {name} has {side}x{side} at input size "
+                                  f"{input_size}; leave that stage out of 'stages', change the options "
+                                  f"or raise data.input_size")
+
+
+__all__ = ["build_model", "validate_model_cfg", "check_input_size", "BACKBONES", "get_conv"]

@@ -74,6 +74,8 @@ def mbv2_init(m):
 class MobileNetV2(nn.Module):
     places = ("after_norm", "stem")
     num_stages = len(SETTINGS)
+    stem_halvings = 1  # stride-2 steps before each place (map side ~ input / 2^k)
+    stage_halvings = tuple(1 + sum(s == 2 for *_, s in SETTINGS[:i + 1]) for i in range(len(SETTINGS)))
 
     def __init__(self, conv, specs=(), num_classes=1000, width_mult=1.0, dropout=0.2, in_chans=3):
         super().__init__()

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -53,6 +54,18 @@ def make_files(t):
         {'model': {'w': torch.ones(2)}, 'config': {'model': {'backbone': 'resnet18', 'num_classes': 4}},
          'epoch': 1, 'step': 2}, 'epoch_1')
     save_checkpoint({'model': {'w': torch.ones(2)}, 'ema': None}, t / 'no_ema.pth')
+    # issue 10.7: a config in Latin-1, work dirs whose entries have the wrong kind, weights-only and newer files
+    (t / 'latin1.yaml').write_bytes('# café\n'.encode('latin-1') + BASE.encode())
+    for name, entry, kind in (('w_tb', 'tb', 'file'), ('w_metrics', 'metrics.jsonl', 'dir'),
+                              ('w_ckpts', 'checkpoints', 'file'), ('w_cfg', 'config.yaml', 'dir'),
+                              ('w_log', 'log.txt', 'dir')):
+        (t / name).mkdir()
+        (t / name / entry).mkdir() if kind == 'dir' else (t / name / entry).write_text('x\n')
+    from models import build_model
+    torch.save(build_model({'backbone': 'cifar_resnet20', 'num_classes': 4}).state_dict(), t / 'weights_only.pth')
+    with zipfile.ZipFile(t / 'foreign.pth') as src, zipfile.ZipFile(t / 'newer.pth', 'w') as dst:
+        for n in src.namelist():
+            dst.writestr(n, b'99\n' if n.endswith('/version') else src.read(n))  # a future torch's format
 
 
 W = 'runtime.work_dir={work}'
@@ -114,6 +127,26 @@ CASES = [
      r'sha256 mismatch for file://.*net-deadbeef\.pth: expected deadbeef.*deleted', 'work'),
     ('work-dir-is-a-file', 'train', ['{t}/base.yaml', 'runtime.work_dir={t}/afile'], 74,
      r'work_dir .*afile is a file, not a directory', 'afile'),
+    ('config-not-utf8', 'train', ['{t}/latin1.yaml', W], 2, r'latin1\.yaml: not UTF-8 text .*; save it as UTF-8',
+     'work'),
+    ('synthetic-size-huge', 'train', ['{t}/base.yaml', 'data.synthetic.train_size=100000000000', W], 2,
+     r'data\.synthetic\.train_size must be in \[1, 10,000,000\]', 'work'),
+    ('work-dir-tb-is-a-file', 'train', ['{t}/base.yaml', 'runtime.tensorboard=true', 'runtime.work_dir={t}/w_tb'],
+     74, r'w_tb/tb is a file where the run writes its tb folder; move it away', 'w_tb'),
+    ('work-dir-metrics-is-a-folder', 'train', ['{t}/base.yaml', 'runtime.work_dir={t}/w_metrics'], 74,
+     r'w_metrics/metrics\.jsonl is a folder where the run writes its metrics\.jsonl file', 'w_metrics'),
+    ('work-dir-checkpoints-is-a-file', 'train', ['{t}/base.yaml', 'runtime.work_dir={t}/w_ckpts'], 74,
+     r'w_ckpts/checkpoints is a file where the run writes its checkpoints folder', 'w_ckpts'),
+    ('work-dir-config-is-a-folder', 'train', ['{t}/base.yaml', 'runtime.work_dir={t}/w_cfg'], 74,
+     r'w_cfg/config\.yaml is a folder where the run writes its config\.yaml file', 'w_cfg'),
+    ('work-dir-log-is-a-folder', 'train', ['{t}/base.yaml', 'runtime.work_dir={t}/w_log'], 74,
+     r'w_log/log\.txt is a folder where the run writes its log\.txt file', 'w_log'),
+    ('resume-weights-only', 'train', ['{t}/base.yaml', 'runtime.resume_from={t}/weights_only.pth', W], 2,
+     r'cannot resume from .*weights_only\.pth: it holds weights only .*set model\.pretrained=.*weights_only', 'work'),
+    ('resume-newer-torch', 'train', ['{t}/base.yaml', 'runtime.resume_from={t}/newer.pth', W], 2,
+     r'newer\.pth was written by a newer PyTorch \(file format version 99; .*\): upgrade torch', 'work'),
+    ('test-output-not-writable', 'test', ['{t}/base.yaml', '{t}/weights_only.pth', 'runtime.work_dir={t}/afile'], 2,
+     r'could not write .*afile/test_weights_only\.json: .*afile is a file, not a folder; pass --out FILE', 'afile'),
     ('test-checkpoint-missing', 'test', ['{t}/base.yaml', '{t}/missing.pth', W], 2,
      r'checkpoint .*missing\.pth not found', 'work'),
     ('test-no-ema', 'test', ['{t}/base.yaml', '{t}/no_ema.pth', W, '--ema'], 2, r'no_ema\.pth holds no EMA weights',
@@ -185,3 +218,32 @@ def test_command_line_exit_code(tmp_path):
     assert p.stderr.strip().splitlines()[-1].startswith('error: refusing to unpickle code from')
     assert 'Traceback' not in p.stderr
     assert not (tmp_path / 'work').exists() and not (tmp_path / 'PWNED').exists()
+
+
+def test_late_refusals_through_train_sh_with_two_processes_and_workers(tmp_path):
+    """Issue 10.7/10.8 on the path users run: ./train.sh, 2 processes, data workers; nothing is written."""
+    from PIL import Image
+    root = tmp_path / 'images'
+    lines = []
+    for i in range(12):
+        (root / 'train' / f'c{i % 2}').mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (20, 20), (i * 20, 0, 0)).save(root / 'train' / f'c{i % 2}' / f'{i}.png')
+        lines.append(f'c{i % 2}/{i}.png {i % 2}')
+    (root / 'train.txt').write_text('\n'.join(lines) + '\n')
+    (root / 'train' / 'c1' / '9.png').unlink()
+    (tmp_path / 'w_metrics').mkdir()
+    (tmp_path / 'w_metrics' / 'metrics.jsonl').mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')}
+    common = [os.path.join(REPO, 'train.sh'), str(tmp_path / 'base.yaml'), '2', 'data.workers=2']
+    (tmp_path / 'base.yaml').write_text(BASE)
+    cases = [([f'data.dataset=imagenet_list', f'data.root={root}', 'data.val_dir=train', 'data.val_list=train.txt',
+               'model.num_classes=2', 'data.input_size=16', f'runtime.work_dir={tmp_path}/w_list'], 2,
+              r'1 of 12 listed images are missing, the first .*c1/9\.png \(line 10 of .*train\.txt\)', 'w_list'),
+             ([f'runtime.work_dir={tmp_path}/w_metrics'], 74,
+              r'w_metrics/metrics\.jsonl is a folder where the run writes its metrics\.jsonl file', 'w_metrics')]
+    for extra, code, message, work in cases:
+        before = snapshot(tmp_path / work)
+        r = subprocess.run(common + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == code, r.stdout + r.stderr
+        assert re.search(message, r.stderr), r.stderr
+        assert snapshot(tmp_path / work) == before, 'the work directory changed'

@@ -215,3 +215,90 @@ def test_cli_refuses_bad_override_and_writes_nothing(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "unknown key 'train.lrr'" in lines[0] and "did you mean" in lines[0]
     assert sorted(os.listdir(work)) == ["keep.txt"]
+
+
+SMALL = """model: {backbone: cifar_resnet20, num_classes: 4}
+data: {dataset: synthetic, input_size: 16, workers: 0, synthetic: {train_size: 16, val_size: 8, num_classes: 4}}
+"""
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.plugins=[{type: se, reduction: 0}]", r"model\.plugins\.0\.reduction=0: block 'se' takes an integer >= 1"),
+    ("model.plugins=[{type: ce, reduction: 0}]", r"model\.plugins\.0\.reduction=0: block 'ce' takes an integer >= 1"),
+    ("model.plugins=[{type: ed, groups: 0}]", r"model\.plugins\.0\.groups=0: block 'ed' takes an integer >= 1"),
+    ("model.plugins=[{type: ce, group_channels: 0}]", r"group_channels=0: block 'ce' takes an integer >= 1"),
+    ("model.plugins=[{type: ce, group_channels: -16}]", r"group_channels=-16: block 'ce' takes an integer >= 1"),
+    ("model.plugins=[{type: ce, group_channels: abc}]", r"plugins\.0\.group_channels='abc': .* an integer >= 1"),
+    ("model.plugins=[{type: ce, newton_iters: -1}]", r"newton_iters=-1: block 'ce' takes an integer >= 0"),
+    ("model.plugins=[{type: ce, pooling: yes_please}]", r"pooling='yes_please': block 'ce' takes true or false"),
+    ("model.plugins=[{type: ce, momentum: 5}]", r"momentum=5: block 'ce' takes a number in \[0, 1\]"),
+    ("model.plugins=[{type: ce, eps: .nan}]", r"eps=nan: block 'ce' takes a number > 0"),
+    ("model.plugins=[{type: ed, variant: C}]", r"variant='C': block 'ed' takes one of null, 'A', 'B'"),
+    ("model.conv={type: we, lwe: maybe}", r"model\.conv\.lwe='maybe': conv 'we' takes true or false"),
+    ("model.conv={type: we, reduction: 0.5}", r"model\.conv\.reduction=0\.5: conv 'we' takes an integer >= 1"),
+])
+def test_block_and_conv_options_are_checked_at_load(tmp_path, override, message):
+    """Issue 10.6: every block/conv option has a declared type and range, refused in one line naming the key."""
+    path = write(tmp_path, "small.yaml", SMALL)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_every_block_and_conv_declares_its_options():
+    """A block whose OPTIONS and constructor differ cannot be registered (so none reaches a model unchecked)."""
+    import torch.nn as nn
+
+    from blocks.registry import BLOCKS, CONVS, Option, register_block
+
+    assert all(hasattr(cls, "OPTIONS") for cls in list(BLOCKS.values()) + list(CONVS.values()))
+
+    class Undeclared(nn.Module):
+        OPTIONS = {"ratio": Option(int, low=1)}
+
+        def __init__(self, channels, ratio=2, gain=1.0):
+            super().__init__()
+
+    with pytest.raises(ValueError, match=r"undeclared: \['gain'\]"):
+        register_block("undeclared_test_block")(Undeclared)
+    assert "undeclared_test_block" not in BLOCKS
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.conv.exclude=[stme]", r"'stme' is not a conv role \(did you mean 'stem'\?\)"),
+    ("model.conv.exclude=stem", r"model\.conv\.exclude='stem': must be a list"),
+    ("train.lr=.nan", r"train\.lr=nan is not a finite number"),
+    ("train.lr=.inf", r"train\.lr=inf is not a finite number"),
+    ("train.weight_decay=.nan", r"train\.weight_decay=nan is not a finite number"),
+    ("train.clip_grad_norm=-.inf", r"train\.clip_grad_norm=-inf is not a finite number"),
+    ("data.augment.hflip=.nan", r"data\.augment\.hflip=nan is not a finite number"),
+    ("data.mean=[0.5, .nan, 0.5]", r"data\.mean=\[0\.5, nan, 0\.5\] is not a finite number"),
+])
+def test_silently_ignored_values_are_refused(tmp_path, override, message):
+    """Issue 10.5: a misspelt exclude role, a string for the exclude list, nan/inf for a number."""
+    path = write(tmp_path, "small.yaml", SMALL)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+    if override.startswith("model.conv.exclude"):
+        with pytest.raises(ConfigError, match=r"model\.conv\.exclude="):  # also with a we conv (where it matters)
+            load_config(path, ["model.conv={type: we}", override])
+
+
+def test_ce_pooling_on_1x1_maps_is_refused_at_load(tmp_path):
+    """Issue 10.6: CE pooling: true where a stage's maps are 1x1 loaded fine and crashed at step 1."""
+    import torch
+
+    from models import build_model
+    path = write(tmp_path, "r18.yaml", SMALL.replace("cifar_resnet20", "resnet18").replace("input_size: 16",
+                                                                                           "input_size: 32"))
+    with pytest.raises(ConfigError, match=r"model\.plugins\.0: block 'ce' with these options needs feature maps of "
+                                          r"at least 2x2, but stage 4 of resnet18 has 1x1 at input size 32"):
+        load_config(path, ["model.plugins=[{type: ce, pooling: true}]"])
+    with pytest.raises(ConfigError, match=r"its stem of resnet18 has 1x1 at input size 2"):
+        load_config(path, ["model.plugins=[{type: ce, pooling: true, stages: [], stem: true}]", "data.input_size=2"])
+    ok = load_config(path, ["model.plugins=[{type: ce, pooling: true, stages: [1, 2, 3]}]"])
+    model = build_model(ok.model).train()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)  # the accepted stages really run
+    refused = dict(ok.model, plugins=[{"type": "ce", "pooling": True, "stages": [4]}])
+    with pytest.raises(RuntimeError):  # what the refusal saves the user from
+        build_model(refused).train()(torch.randn(2, 3, 32, 32))

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from engine import hub
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.hub import HubError, resolve_checkpoint
 from tools import zoo_table
 
@@ -39,7 +39,8 @@ def test_file_url_is_downloaded_verified_and_cached(tmp_path):
     path, _ = _weights(tmp_path)
     cache = tmp_path / 'cache'
     local = resolve_checkpoint(path.as_uri(), cache_dir=str(cache))
-    assert local == str(cache / 'checkpoints' / path.name)
+    assert local == hub.cache_path(path.as_uri(), str(cache))
+    assert os.path.dirname(os.path.dirname(local)) == str(cache / 'checkpoints') and local.endswith(path.name)
     assert torch.equal(load_checkpoint(local)['w'], torch.ones(16))
     path.unlink()  # the second call is served from the cache
     assert resolve_checkpoint(path.as_uri(), cache_dir=str(cache)) == local
@@ -58,11 +59,24 @@ def test_hash_mismatch_deletes_and_refuses(tmp_path):
     cache = tmp_path / 'cache'
     with pytest.raises(HubError, match=r'sha256 mismatch for .*net-deadbeef\.pth: expected deadbeef.*deleted'):
         resolve_checkpoint(bad.as_uri(), cache_dir=str(cache))
-    assert not (cache / 'checkpoints' / bad.name).exists() and _no_tmp(cache / 'checkpoints')
+    assert not os.path.exists(hub.cache_path(bad.as_uri(), str(cache))) and not os.listdir(cache / 'checkpoints')
     with pytest.raises(HubError, match='sha256 mismatch'):  # a #sha256= fragment is checked as well
         resolve_checkpoint(bad.as_uri() + '#sha256=' + 'ab' * 32, cache_dir=str(cache))
     local = resolve_checkpoint(bad.as_uri() + '#sha256=' + sha, cache_dir=str(cache))
     assert os.path.isfile(local)
+
+
+def test_same_file_name_at_two_urls_is_cached_twice(tmp_path):
+    """Issue 10.4: .../A/best.pth and .../B/best.pth are different files, whatever their names."""
+    cache = str(tmp_path / 'cache')
+    for run, value in (('A', 1.0), ('B', 2.0)):
+        (tmp_path / run).mkdir()
+        torch.save({'w': torch.full((16,), value)}, tmp_path / run / 'best.pth')
+    a = resolve_checkpoint((tmp_path / 'A' / 'best.pth').as_uri(), cache_dir=cache)
+    b = resolve_checkpoint((tmp_path / 'B' / 'best.pth').as_uri(), cache_dir=cache)
+    assert a != b
+    assert torch.equal(load_checkpoint(a)['w'], torch.full((16,), 1.0))
+    assert torch.equal(load_checkpoint(b)['w'], torch.full((16,), 2.0))
 
 
 def test_tampered_cache_is_downloaded_again(tmp_path):
@@ -204,3 +218,19 @@ def test_export_roundtrip(tmp_path):
     other.write_text(TINY_CONFIG.replace('num_classes: 10', 'num_classes: 7'))
     assert export.main([str(ckpt), '--name', 'x', '--config', str(other), '--index', index]) == 2
     assert list(yaml.safe_load(open(index))['models']) == ['tiny_r20']
+
+
+def test_unwritable_cache_names_blocklab_cache(tmp_path, monkeypatch):
+    """Issue 10.7: a read-only cache named runtime.work_dir as the setting to change."""
+    import errno
+    import tempfile
+    path, _ = _weights(tmp_path)
+    cache = tmp_path / 'ro_cache'
+
+    def read_only(*args, dir=None, **kwargs):  # root can write anywhere: refuse like a read-only mount would
+        raise PermissionError(errno.EACCES, 'Permission denied', dir)
+    monkeypatch.setattr(tempfile, 'mkstemp', read_only)
+    with pytest.raises(CheckpointError, match=r'could not write .*ro_cache.*: permission denied; set BLOCKLAB_CACHE to a '
+                                       r'writable folder') as info:
+        resolve_checkpoint(path.as_uri(), cache_dir=str(cache))
+    assert 'work_dir' not in str(info.value)

@@ -212,3 +212,39 @@ def test_engine_options_and_nonfinite_loss(tmp_path):
         run(tiny_cfg(tmp_path / "b", "train.lr=1e30", "train.epochs=1"))
     with pytest.raises(NonFiniteError, match="2 steps in a row"):  # checked every step, skips 1 bad update
         run(tiny_cfg(tmp_path / "c", "train.lr=1e30", "train.epochs=1", "train.max_nonfinite=1"))
+
+
+def test_resume_with_another_batch_size_keeps_the_schedule_in_epochs(tmp_path):
+    """Issue 10.5: 4 -> 8 steps per epoch after epoch 1 of 3: no second warmup, cosine still ends at 0."""
+    over = ("train.epochs=3", "train.warmup_epochs=1")
+
+    def stop_after_epoch_1(t):
+        orig = t.validate
+        t.validate = lambda: (t.stop.request(), orig())[1]
+    first, res1, _ = run(tiny_cfg(tmp_path / "w", *over), stop_after_epoch_1)
+    assert res1["status"] == "preempted" and first.step == 4
+    cfg = tiny_cfg(tmp_path / "w", *over, batch=4)
+    t = Trainer(cfg, model_fn=tiny_model)
+    assert t.iters_per_epoch == 8 and t.epoch == 1
+    expected = cfg.train.lr * lr_factor(8, cfg.train, 8)  # epoch 1.0 of the schedule, past the warmup
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert t.train()["status"] == "done" and t.step == 4 + 2 * 8
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine's end, not 0.004
+
+
+class EvalNaNNet(TinyNet):
+    """Finite in training, nan in eval: what diverged running statistics (CE momentum 5) do."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if self.training else out * float("nan")
+
+
+def test_nonfinite_validation_stops_without_best_checkpoint(tmp_path):
+    """Issue 10.5: a nan validation loss stops the run (exit 3 through tools.train), saving nothing of it."""
+    from engine.guard import NonFiniteError
+    t = Trainer(tiny_cfg(tmp_path / "w"), model_fn=lambda cfg: EvalNaNNet(cfg["num_classes"]))
+    with pytest.raises(NonFiniteError, match=r"validation loss is nan after epoch 1 \(this epoch is not saved\)"):
+        t.train()
+    ckpts = tmp_path / "w" / "checkpoints"
+    assert not ckpts.exists() or not [n for n in os.listdir(ckpts) if n.endswith(".pth")]

@@ -85,7 +85,7 @@ def evaluate_checkpoint(cfg, spec, ema=False):
 
 def run(argv=None):
     from engine import distributed as du
-    from engine.checkpoint import CheckpointError
+    from engine.checkpoint import CheckpointError, atomic_write
     from engine.config import load_config
     from engine.fields import ConfigError
     from engine.guard import EXIT_OK, EXIT_USAGE
@@ -107,9 +107,13 @@ def run(argv=None):
                   "dataset_size": size, "world_size": du.get_world_size(), "time_s": round(time.time() - start, 2)}
         print(f"{args.checkpoint}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
               f"loss {metrics['loss']:.4f} ({metrics['count']}/{size} images)")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(record, f, indent=2)
+        try:
+            atomic_write(out, lambda f: f.write(json.dumps(record, indent=2).encode()),
+                         fix="pass --out FILE in a writable folder (the metrics above are complete)")
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            du.destroy()
+            return EXIT_USAGE
         print(f"metrics written to {out}")
     du.destroy()
     return EXIT_OK
