@@ -52,8 +52,13 @@ Where this code deliberately differs from the original:
   (the original divides by zero); after k steps the two differ by 0.9^k of their gap;
 * statistics, LayerNorm/FC of IR and the Newton iteration run in float32 whatever the input
   dtype or autocast state; the output matmul runs in (and returns) the input dtype;
-* H*W == 1 uses the biased variance (the original's unbiased one is NaN there) and s is
-  floored at ``eps`` (the original divides by zero when no sample varies over H*W);
+* H*W == 1 uses the biased variance (the original's unbiased one is NaN there) and the mean
+  variance under s is floored at ``eps``, so s >= sqrt(eps) ~ 3e-3 (the original divides by zero
+  when no sample varies over H*W, e.g. on 1x1 maps; a floor of s at eps itself made IR's gain
+  ~2.5e4 there, outputs beyond float16's 65504 and NaN losses); equal to the original whenever
+  the mean variance exceeds eps;
+* a batch with non-finite statistics leaves the running buffers unchanged (an fp16 step that
+  GradScaler skips must not poison them);
 * ``reduction`` is exposed (the original hard-codes 4) and FC1 has at least one output;
 * ``momentum`` drives both running averages (the original's ``AdaptiveReweight`` keeps 0.1
   whatever CE's momentum; the defaults agree);
@@ -186,11 +191,13 @@ class CE(nn.Module):
         sigma = self.eps * eye + scatter / m
         trace = sigma.diagonal(dim1=1, dim2=2).sum(1).view(g, 1, 1)
         wm = newton_isqrt(sigma / trace, self.newton_iters)
-        scale = (var_sum / nvar).sqrt().clamp_min(self.eps)  # > 0 even when every H*W is 1
-        with torch.no_grad():
-            for buf, val, mom in ((self.running_mean, mean, self.momentum), (self.running_wm, wm, self.momentum),
-                                  (self.ir.running_scale, scale, self.ir.momentum)):
-                buf.lerp_(val.detach().to(buf.dtype), mom)
+        scale = (var_sum / nvar).clamp_min(self.eps).sqrt()  # >= sqrt(eps): no spatial variance (1x1 maps)
+        with torch.no_grad():  # a non-finite batch (a step GradScaler will skip) leaves the buffers as they are
+            updates = ((self.running_mean, mean, self.momentum), (self.running_wm, wm, self.momentum),
+                       (self.ir.running_scale, scale, self.ir.momentum))
+            finite = torch.stack([torch.isfinite(val).all() for _, val, _ in updates]).all()
+            for buf, val, mom in updates:
+                buf.copy_(torch.where(finite, torch.lerp(buf, val.detach().to(buf.dtype), mom), buf))
         return wm, scale
 
     def forward(self, x):

@@ -191,6 +191,30 @@ def test_single_pixel_input_is_finite():
     assert torch.isfinite(out).all()
 
 
+def test_float16_single_pixel_maps_stay_in_range():
+    # 1x1 maps have no spatial variance, so s sits at its floor: with the floor at eps, IR's gain was
+    # ~2.5e4 and fp16 outputs inf (NaN losses in CE-MobileNetV2 at 32x32); now s >= sqrt(eps)
+    m = make(32, 16, dtype=torch.float32)
+    x = batch(4, 32, 1, 1, seed=7, dtype=torch.float32).half().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = m(x)
+    assert out.dtype == torch.float16
+    assert torch.isfinite(out + out).all()  # a residual add of two such outputs stays in range too
+    out.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(m.theta.grad).all()
+    torch.testing.assert_close(m.ir.running_scale, torch.tensor([0.9 + 0.1 * EPS ** 0.5]))
+
+
+def test_non_finite_batch_leaves_running_buffers_alone():
+    m = make(32, 16, dtype=torch.float32)
+    before = ref_state(m)
+    x = batch(2, 32, 4, 4, seed=8, dtype=torch.float32)
+    x[0, 3, 1, 1] = float("inf")  # e.g. an fp16 overflow upstream, in a step GradScaler will skip
+    m(x)
+    for name, buf in ref_state(m).items():
+        assert torch.equal(buf, before[name]), name
+
+
 @pytest.mark.parametrize("c,group,expect", [(24, 16, 8), (64, 16, 16), (64, 64, 64), (6, 16, 2), (7, 16, 1)])
 def test_group_size_halves_until_it_divides(c, group, expect):
     m = CE(c, group_channels=group)
