@@ -159,6 +159,18 @@ def layout_table(batch, repeat, input_size):
     return rows
 
 
+def per_thread(thread_counts, head, rows):
+    """One markdown section per torch thread count: a title with the load average, ``head``, ``rows()``."""
+    sections = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        title = f"{threads} thread(s), load average {load:.1f} on {os.cpu_count()} cores at start"
+        print(f"\n{title}\n{head}")
+        sections.append(f"### {title}\n\n{head}\n" + "\n".join(rows()) + "\n")
+    return sections
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--original", default=os.environ.get("CENET_ROOT"),
@@ -184,13 +196,7 @@ def main(argv=None):
               "/tmp/CENet, then pass --original /tmp/CENet or set CENET_ROOT)")
     head = (f"| shape (N={args.batch}) | ours train f+b ms | original train f+b ms | speed-up | "
             "ours eval ms | original eval ms | speed-up |\n|---|---|---|---|---|---|---|")
-    sections = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        title = f"{threads} thread(s), load average {load:.1f} on {os.cpu_count()} cores at start"
-        print(f"\n{title}\n{head}")
-        sections.append(f"### {title}\n\n{head}\n" + "\n".join(table(orig_cls, args.batch, args.repeat)) + "\n")
+    sections = per_thread(args.threads, head, lambda: table(orig_cls, args.batch, args.repeat))
     if args.out:
         cmd = "python -m benchmarks.bench_ce " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.out, "w") as f:
@@ -209,14 +215,7 @@ def layouts_main(args, argv):
     head = (f"| N={args.batch}, ms (median of {args.repeat}, interleaved) | "
             + " | ".join(name for name, _, _ in LAYOUTS) + " | NCHW / channels_last (fp32) |\n|---|"
             + "---:|" * (len(LAYOUTS) + 1))
-    sections = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        title = f"{threads} thread(s), load average {load:.1f} on {os.cpu_count()} cores at start"
-        print(f"\n{title}\n{head}")
-        sections.append(f"### {title}\n\n{head}\n" + "\n".join(layout_table(args.batch, args.repeat,
-                                                                               args.input_size)) + "\n")
+    sections = per_thread(args.threads, head, lambda: layout_table(args.batch, args.repeat, args.input_size))
     if args.out:
         cmd = "python -m benchmarks.bench_ce " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.out, "w") as f:
