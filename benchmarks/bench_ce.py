@@ -1,6 +1,7 @@
 """CE block speed: blocklab's ``blocks.ce.CE`` against the original CENet module, same inputs.
 
     python -m benchmarks.bench_ce --original /path/to/CENet [--batch 8] [--repeat 5] [--out FILE]
+    python -m benchmarks.bench_ce --layouts [--input-size 224] [--out FILE]   # NCHW vs channels_last, fp32 vs bf16
 
 The original (Tangshitao/CENet ``devkit/ops/CE_module.py``) is read from a checkout given by
 ``--original`` or ``$CENET_ROOT``; nothing of it is stored here. Its source is patched in memory
@@ -10,6 +11,7 @@ Timed: one training-mode forward + backward (statistics, running-buffer updates,
 and one eval-mode forward, at the ResNet-50 shapes where the CENet ResNet-50 places CE.
 """
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -18,6 +20,7 @@ import time
 import types
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blocks.ce import CE  # noqa: E402
@@ -105,6 +108,69 @@ def table(orig_cls, batch, repeat):
     return rows
 
 
+LAYOUTS = (("NCHW fp32", torch.contiguous_format, None), ("channels_last fp32", torch.channels_last, None),
+           ("NCHW bf16", torch.contiguous_format, torch.bfloat16),
+           ("channels_last bf16", torch.channels_last, torch.bfloat16))
+
+
+def layout_steps(module, x, fmt, dtype, train):
+    """One step of ``module`` on ``x`` in memory format ``fmt`` under CPU autocast ``dtype`` (None: off)."""
+    x = x.contiguous(memory_format=fmt)
+    amp = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else contextlib.nullcontext
+
+    def step():
+        if train is False:
+            module.eval()
+            with torch.no_grad(), amp():
+                module(x)
+            return
+        module.train()
+        module.zero_grad(set_to_none=True)
+        with amp():
+            out = module(x)
+        (out.float().square().mean() if train is True else F.cross_entropy(out.float(), train)).backward()
+    return step
+
+
+def layout_table(batch, repeat, input_size):
+    """Rows: CE at the CE-ResNet-50 shapes and a CE-ResNet-50 training step, every layout interleaved."""
+    from models import build_model
+    rows = []
+    for name, c, hw, g in SHAPES:
+        torch.manual_seed(0)
+        x, ce = torch.randn(batch, c, hw, hw), CE(c, group_channels=g)
+        for train in (True, False):
+            ms = timeit([layout_steps(ce, x, fmt, dt, train) for _, fmt, dt in LAYOUTS], repeat)
+            rows.append(f"| CE {name}: {c}x{hw}x{hw}, G={g}, {'train f+b' if train else 'eval'} | "
+                        + " | ".join(f"{t:.1f}" for t in ms) + f" | {ms[0] / ms[1]:.2f}x |")
+            print(rows[-1], flush=True)
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet50", "plugins": [{"type": "ce", "stages": [1, 2, 3], "stem": True}]})
+    x, y = torch.randn(batch, 3, input_size, input_size), torch.randint(0, 1000, (batch,))
+    steps_ = []
+    for _, fmt, dt in LAYOUTS:
+        model.to(memory_format=fmt)  # each step sets the layout of the shared model first
+        inner = layout_steps(model, x, fmt, dt, y)
+        steps_.append(lambda inner=inner, fmt=fmt: (model.to(memory_format=fmt), inner()))
+    ms = timeit(steps_, repeat)
+    rows.append(f"| CE-ResNet-50 training step, {input_size}x{input_size} | " + " | ".join(f"{t:.0f}" for t in ms)
+                + f" | {ms[0] / ms[1]:.2f}x |")
+    print(rows[-1], flush=True)
+    return rows
+
+
+def per_thread(thread_counts, head, rows):
+    """One markdown section per torch thread count: a title with the load average, ``head``, ``rows()``."""
+    sections = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        title = f"{threads} thread(s), load average {load:.1f} on {os.cpu_count()} cores at start"
+        print(f"\n{title}\n{head}")
+        sections.append(f"### {title}\n\n{head}\n" + "\n".join(rows()) + "\n")
+    return sections
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--original", default=os.environ.get("CENET_ROOT"),
@@ -114,7 +180,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                     help="torch thread counts, one table each (default: as the machine has)")
     ap.add_argument("--out", default=None, help="also write the tables here (markdown)")
+    ap.add_argument("--layouts", action="store_true",
+                    help="NCHW vs channels_last, fp32 vs bf16 CPU autocast, of CE and a CE-ResNet-50 step")
+    ap.add_argument("--input-size", type=int, default=224, help="--layouts: the CE-ResNet-50 input size")
     args = ap.parse_args(argv)
+    if args.layouts:
+        return layouts_main(args, argv)
     orig_cls = None
     if args.original:
         import warnings
@@ -125,13 +196,7 @@ def main(argv=None):
               "/tmp/CENet, then pass --original /tmp/CENet or set CENET_ROOT)")
     head = (f"| shape (N={args.batch}) | ours train f+b ms | original train f+b ms | speed-up | "
             "ours eval ms | original eval ms | speed-up |\n|---|---|---|---|---|---|---|")
-    sections = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        title = f"{threads} thread(s), load average {load:.1f} on {os.cpu_count()} cores at start"
-        print(f"\n{title}\n{head}")
-        sections.append(f"### {title}\n\n{head}\n" + "\n".join(table(orig_cls, args.batch, args.repeat)) + "\n")
+    sections = per_thread(args.threads, head, lambda: table(orig_cls, args.batch, args.repeat))
     if args.out:
         cmd = "python -m benchmarks.bench_ce " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.out, "w") as f:
@@ -143,6 +208,22 @@ def main(argv=None):
                     "gradients), eval = no-grad forward with the running statistics. Each table notes the "
                     "machine's load average: on a shared machine a second thread often waits for a core, "
                     "which costs every parallel op, so the 1-thread table is the steadier comparison.\n\n")
+            f.write("\n".join(sections))
+
+
+def layouts_main(args, argv):
+    head = (f"| N={args.batch}, ms (median of {args.repeat}, interleaved) | "
+            + " | ".join(name for name, _, _ in LAYOUTS) + " | NCHW / channels_last (fp32) |\n|---|"
+            + "---:|" * (len(LAYOUTS) + 1))
+    sections = per_thread(args.threads, head, lambda: layout_table(args.batch, args.repeat, args.input_size))
+    if args.out:
+        cmd = "python -m benchmarks.bench_ce " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.out, "w") as f:
+            f.write("# CE block and CE-ResNet-50, CPU: NCHW vs channels_last, fp32 vs bf16 autocast\n\n")
+            f.write(f"Command: `{cmd}`\n\ntorch {torch.__version__}, {platform.processor() or platform.machine()}; "
+                    "the four variants of a row alternate (2 warm-up rounds, then median). CE train = forward + "
+                    "backward in training mode; eval = no-grad forward; the model step = forward + "
+                    "cross-entropy + backward (no optimizer).\n\n")
             f.write("\n".join(sections))
 
 

@@ -44,6 +44,10 @@ matrix and the gradient of W_n are non-transposed bmm's (X X^T with a long inner
 several times slower on CPU). The gradient flows, as in the original, through Sigma, the
 Newton steps, the batch mean and s; the two terms of the gradient wrt X (through W_n and through
 the statistics) are summed in place in one buffer rather than by autograd (about 7% less CE time).
+On channels_last input the same block runs on the NHWC layout itself (``ce_ops.MixNHWC``): the
+d channels of a group are contiguous per pixel, so the scatter, the BD product (A x, A = a P_T,
+shared by the samples) and its gradients are bmm's over the g groups of strided (N*H*W, d) rows,
+and IR's per-sample part is a broadcast multiply; no NCHW copy of the input, output or gradients.
 
 Where this code deliberately differs from the original:
 * the running buffers are ordinary (not expanded) tensors, so in-place updates work on current
@@ -52,8 +56,13 @@ Where this code deliberately differs from the original:
   (the original divides by zero); after k steps the two differ by 0.9^k of their gap;
 * statistics, LayerNorm/FC of IR and the Newton iteration run in float32 whatever the input
   dtype or autocast state; the output matmul runs in (and returns) the input dtype;
-* H*W == 1 uses the biased variance (the original's unbiased one is NaN there) and s is
-  floored at ``eps`` (the original divides by zero when no sample varies over H*W);
+* H*W == 1 uses the biased variance (the original's unbiased one is NaN there) and the mean
+  variance under s is floored at ``eps``, so s >= sqrt(eps) ~ 3e-3 (the original divides by zero
+  when no sample varies over H*W, e.g. on 1x1 maps; a floor of s at eps itself made IR's gain
+  ~2.5e4 there, outputs beyond float16's 65504 and NaN losses); equal to the original whenever
+  the mean variance exceeds eps;
+* a batch with non-finite statistics leaves the running buffers unchanged (an fp16 step that
+  GradScaler skips must not poison them);
 * ``reduction`` is exposed (the original hard-codes 4) and FC1 has at least one output;
 * ``momentum`` drives both running averages (the original's ``AdaptiveReweight`` keeps 0.1
   whatever CE's momentum; the defaults agree);
@@ -76,7 +85,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ce_ops import CentredMoments, GradLink, Mix, all_reduce_sum, newton_isqrt, variance_from_sums
+from .ce_ops import (CentredMoments, CentredMomentsNHWC, GradLink, Mix, MixNHWC, all_reduce_sum, mix_nhwc,
+                     newton_isqrt, variance_from_sums)
 from .registry import Option, register_block
 
 
@@ -163,12 +173,12 @@ class CE(nn.Module):
                 f"newton_iters={self.newton_iters}, pooling={self.pooling}, momentum={self.momentum}, "
                 f"eps={self.eps}, sync_stats={self.sync_stats}")
 
-    def _batch_stats(self, x, gram_c, sums_c, shift, var):
+    def _batch_stats(self, x, gram, sums_c, shift, var):
         """Whitening matrix P_T (g, d, d) and IR scale s of the batch; updates the running buffers.
 
-        gram_c / sums_c: per-sample Gram matrices (N*g, d, d) and channel sums (N*g, d) of the
-        BD source (x, or x max-pooled) minus the constant per-sample shift (N*g, d, 1);
-        var: (N*g, d) per-sample variances of x.
+        gram / sums_c: Gram matrices summed over samples (g, d, d) and per-sample channel sums
+        (N*g*d values) of the BD source (x, or x max-pooled) minus the constant per-sample shift
+        (N*g*d values); var: (N*g*d values) per-sample variances of x.
         """
         n, _, h, w = x.shape
         g, d = self.num_groups, self.group_channels
@@ -189,50 +199,85 @@ class CE(nn.Module):
         u = sums_c + hw_src * (shift - mean)
         left = torch.cat([u, sums_c]).permute(1, 2, 0)          # (g, d, 2n)
         right = torch.cat([u, -sums_c]).permute(1, 0, 2)        # (g, 2n, d)
-        scatter = torch.baddbmm(gram_c.view(n, g, d, d).sum(0), left, right, alpha=1.0 / hw_src)
+        scatter = torch.baddbmm(gram, left, right, alpha=1.0 / hw_src)
         if self.sync_stats:
             scatter = all_reduce_sum(scatter)
         eye = torch.eye(d, dtype=scatter.dtype, device=scatter.device)
         sigma = self.eps * eye + scatter / m
         trace = sigma.diagonal(dim1=1, dim2=2).sum(1).view(g, 1, 1)
         wm = newton_isqrt(sigma / trace, self.newton_iters)
-        scale = (var_sum / nvar).sqrt().clamp_min(self.eps)  # > 0 even when every H*W is 1
-        with torch.no_grad():
-            for buf, val, mom in ((self.running_mean, mean, self.momentum), (self.running_wm, wm, self.momentum),
-                                  (self.ir.running_scale, scale, self.ir.momentum)):
-                buf.lerp_(val.detach().to(buf.dtype), mom)
+        scale = (var_sum / nvar).clamp_min(self.eps).sqrt()  # >= sqrt(eps): no spatial variance (1x1 maps)
+        with torch.no_grad():  # a non-finite batch (a step GradScaler will skip) leaves the buffers as they are
+            updates = ((self.running_mean, mean, self.momentum), (self.running_wm, wm, self.momentum),
+                       (self.ir.running_scale, scale, self.ir.momentum))
+            finite = torch.stack([torch.isfinite(val).all() for _, val, _ in updates]).all()
+            for buf, val, mom in updates:
+                buf.copy_(torch.where(finite, torch.lerp(buf, val.detach().to(buf.dtype), mom), buf))
         return wm, scale
 
     def forward(self, x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                return self._forward_nhwc(x)
+            return self._forward_nchw(x)
+
+    def _gains(self, var, scale, n):
+        """IR's gains (1 - a) y / s as (N, C) and the mixing weight a = sigmoid(theta)."""
+        sdt = scale.dtype
+        y = self.ir.gains(var.view(n, self.channels).to(self.ir.fc1.weight.dtype)).to(sdt)
+        a = torch.sigmoid(self.theta.to(sdt))
+        return (1 - a) * y / scale, a
+
+    @staticmethod
+    def _stats_dtype(x):
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def _forward_nchw(self, x):
         n, c, h, w = x.shape
         g, d, hw = self.num_groups, self.group_channels, h * w
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        xg = x.reshape(n * g, d, hw)  # a view for contiguous NCHW; one copy otherwise
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            sdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # statistics dtype
-            if self.training:
-                link = None if torch.compiler.is_compiling() else GradLink()
-                gram_c, sums_c, shift, xct = CentredMoments.apply(xg, sdt, link)
-                var = variance_from_sums(sums_c, gram_c.diagonal(dim1=1, dim2=2), hw)
-                stats = gram_c, sums_c, shift
-                if self.pooling:
-                    stats = CentredMoments.apply(F.max_pool2d(x, 2, 2).reshape(n * g, d, -1), sdt)[:3]
-                wm, scale = self._batch_stats(x, *stats, var)
-            else:
-                shift = xg.detach().sum(2, keepdim=True, dtype=sdt) / hw
-                var = torch.linalg.vector_norm(torch.sub(xg, shift), dim=2).square() / max(hw - 1, 1)
-                wm, scale = self.running_wm.to(sdt), self.ir.running_scale.to(sdt)
-            y = self.ir.gains(var.view(n, c).to(self.ir.fc1.weight.dtype)).to(sdt)
-            a = torch.sigmoid(self.theta.to(sdt))
-            gain = ((1 - a) * y / scale).view(n, g, d)
-            mix = (a * wm).expand(n, g, d, d).clone()  # (n, g, d, d): W_n per group
-            mix.diagonal(dim1=2, dim2=3).add_(gain)
-            mix = mix.view(n * g, d, d)
-            if self.training:
-                out = Mix.apply(xg, mix, xct, shift, link)
-            else:
-                out = torch.bmm(mix.to(x.dtype), xg)
-            out = out.view(n, c, h, w)
-        if channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        xg = x.reshape(n * g, d, hw)  # a view
+        sdt = self._stats_dtype(x)
+        if self.training:
+            link = None if torch.compiler.is_compiling() else GradLink()
+            gram_c, sums_c, shift, xct = CentredMoments.apply(xg, sdt, link)
+            var = variance_from_sums(sums_c, gram_c.diagonal(dim1=1, dim2=2), hw)
+            stats = gram_c, sums_c, shift
+            if self.pooling:
+                stats = CentredMoments.apply(F.max_pool2d(x, 2, 2).reshape(n * g, d, -1), sdt)[:3]
+            wm, scale = self._batch_stats(x, stats[0].view(n, g, d, d).sum(0), *stats[1:], var)
+        else:
+            shift = xg.detach().sum(2, keepdim=True, dtype=sdt) / hw
+            var = torch.linalg.vector_norm(torch.sub(xg, shift), dim=2).square() / max(hw - 1, 1)
+            wm, scale = self.running_wm.to(sdt), self.ir.running_scale.to(sdt)
+        gain, a = self._gains(var, scale, n)
+        mix = (a * wm + torch.diag_embed(gain.view(n, g, d))).view(n * g, d, d)  # W_n per group
+        if self.training:
+            out = Mix.apply(xg, mix, xct, shift, link)
+        else:
+            out = torch.bmm(mix.to(x.dtype), xg)
+        return out.view(n, c, h, w)
+
+    def _forward_nhwc(self, x):
+        """The same block on channels_last memory, without NCHW copies (see ce_ops.MixNHWC)."""
+        n, c, h, w = x.shape
+        g, hw = self.num_groups, h * w
+        x3 = x.permute(0, 2, 3, 1).reshape(n, hw, c)  # a view
+        sdt = self._stats_dtype(x)
+        if self.training:
+            link = None if torch.compiler.is_compiling() else GradLink()
+            gram, sumsq, sums_c, shift, xc = CentredMomentsNHWC.apply(x3, g, sdt, link)
+            var = variance_from_sums(sums_c, sumsq, hw)
+            stats = gram, sums_c, shift
+            if self.pooling:
+                pooled = F.max_pool2d(x, 2, 2).permute(0, 2, 3, 1)
+                p_gram, _, p_sums, p_shift, _ = CentredMomentsNHWC.apply(pooled.reshape(n, -1, c), g, sdt)
+                stats = p_gram, p_sums, p_shift
+            wm, scale = self._batch_stats(x, *stats, var)
+            gain, a = self._gains(var, scale, n)
+            out = MixNHWC.apply(x3, a * wm, gain, xc, shift, link)
+        else:
+            shift = x3.sum(1, keepdim=True, dtype=sdt) / hw
+            var = torch.sub(x3, shift).square().sum(1) / max(hw - 1, 1)
+            gain, a = self._gains(var, self.ir.running_scale.to(sdt), n)
+            out = mix_nhwc(x3, a * self.running_wm.to(sdt), gain)
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)

@@ -110,3 +110,125 @@ class Mix(torch.autograd.Function):
 def variance_from_sums(total, sumsq, count):
     """Variance from (centred) sums: unbiased like torch.var, biased when count == 1; never negative."""
     return ((sumsq - total * total / count) / max(count - 1, 1)).clamp_min(0)
+
+
+# ----------------------------------------------------------------------------- channels_last
+# In channels_last memory, x viewed as (n, hw, c) is contiguous and, with c = g * d, the rows of
+# group k over all n * hw positions form a (n * hw, d) matrix of row stride c: a strided batch over
+# the g groups that bmm reads and writes in place. The kernels below work on that layout directly,
+# so CE makes no NCHW copy of its input, output or their gradients.
+
+def _traceable():
+    """True when out= into strided views must be avoided (compile, export, jit/ONNX tracing)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def group_rows(t, g):
+    """(n, hw, c) -> (g, n * hw, d): the rows of each group of d channels (a view)."""
+    n, hw, c = t.shape
+    return t.view(n * hw, g, c // g).transpose(0, 1)
+
+
+def group_matmul(x3, mat, g):
+    """(n, hw, c) x, (g, d, d) mat -> (n, hw, c) with each group's rows times mat^T (x's dtype)."""
+    mat_t = mat.transpose(1, 2).to(x3.dtype)
+    if _traceable() or (torch.is_grad_enabled() and (x3.requires_grad or mat_t.requires_grad)):  # out= has no autograd
+        n, hw, c = x3.shape
+        return torch.bmm(group_rows(x3, g), mat_t).transpose(0, 1).reshape(n, hw, c)
+    out = torch.empty_like(x3, memory_format=torch.contiguous_format)
+    torch.bmm(group_rows(x3, g), mat_t, out=group_rows(out, g))
+    return out
+
+
+def mix_nhwc(x3, bd, gain):
+    """A x + gain * x per group for x (n, hw, c), A (g, d, d), gain (n, c), in x's dtype."""
+    out = group_matmul(x3, bd, bd.shape[0])
+    gain = gain.unsqueeze(1).to(x3.dtype)
+    if _traceable() or (torch.is_grad_enabled() and (out.requires_grad or gain.requires_grad)):
+        return torch.addcmul(out, x3, gain)
+    return out.addcmul_(x3, gain)  # a fresh tensor of ours: no view, no autograd
+
+
+class CentredMomentsNHWC(torch.autograd.Function):
+    """CentredMoments for x (n, hw, c) in channels_last memory: the scatter of xc = x - shift summed
+    over samples per group (g, d, d), per-sample sums of squares (n, c) and sums (n, c) of xc;
+    also shift (n, 1, c) and xc (n, hw, c) in the statistics dtype. Backward:
+    d/dx = xc (dS + dS^T) per group + 2 xc dsumsq + dsum, added to the gradient Mix left in ``link``.
+    """
+
+    @staticmethod
+    def forward(ctx, x3, g, sdt, link=None):
+        hw = x3.shape[1]
+        total = x3.sum(1, keepdim=True, dtype=sdt)
+        shift = total / hw
+        xc = torch.sub(x3, shift)  # promoted to the statistics dtype
+        rows = group_rows(xc, g)
+        scatter = torch.bmm(rows.transpose(1, 2), rows)
+        sumsq = xc.square().sum(1)  # vector_norm over a non-inner dim is ~10x slower on CPU
+        sums = (total - hw * shift).squeeze(1)  # ~0: only its gradient matters
+        ctx.mark_non_differentiable(shift, xc)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(xc)
+        ctx.g, ctx.x_dtype, ctx.link = g, x3.dtype, link
+        return scatter, sumsq, sums, shift, xc
+
+    @staticmethod
+    def backward(ctx, dscatter, dsumsq, dsum, _dshift, _dxc):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (xc,) = ctx.saved_tensors
+        g, link, grad = ctx.g, ctx.link, None
+        if link is not None:
+            grad, link.dx = link.dx, None
+        if grad is None:
+            grad = torch.zeros_like(xc)
+        elif grad.dtype != xc.dtype:
+            grad = grad.to(xc.dtype)
+        # terms summed into one buffer in place (fresh activation-sized buffers cost page faults on CPU)
+        if dscatter is not None:
+            sym = dscatter + dscatter.transpose(1, 2)
+            if _traceable():
+                grad = grad + group_matmul(xc, sym, g)
+            else:
+                group_rows(grad, g).baddbmm_(group_rows(xc, g), sym)
+        if dsumsq is not None:
+            grad = grad.addcmul_(xc, (2 * dsumsq).unsqueeze(1))
+        if dsum is not None:
+            grad = grad.add_(dsum.unsqueeze(1))
+        return grad.to(ctx.x_dtype), None, None, None
+
+
+class MixNHWC(torch.autograd.Function):
+    """out = A_k x + gain * x per group k and sample (the per-sample matrix W_n = A + diag(gain_n)) for
+    x (n, hw, c) in channels_last memory, A (g, d, d), gain (n, c). Backward uses xc and shift of
+    CentredMomentsNHWC instead of x: dA = sum over rows of dout^T (xc + shift),
+    dgain = sum over hw of dout * (xc + shift); dx goes to ``link`` when there is one."""
+
+    @staticmethod
+    def forward(ctx, x3, bd, gain, xc, shift, link=None):
+        ctx.save_for_backward(bd, gain, xc, shift)
+        ctx.link = link if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) else None
+        return mix_nhwc(x3, bd, gain)
+
+    @staticmethod
+    def backward(ctx, dout):
+        bd, gain, xc, shift = ctx.saved_tensors
+        g = bd.shape[0]
+        dout = dout.contiguous()
+        dx = dbd = dgain = None
+        if ctx.needs_input_grad[0]:
+            dx = group_matmul(dout, bd.transpose(1, 2), g).addcmul_(dout, gain.unsqueeze(1).to(dout.dtype))
+            if ctx.link is not None:
+                ctx.link.dx, dx = dx, None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            d32 = dout.to(xc.dtype)
+            dsum = d32.sum(1)                                    # (n, c)
+            n, c = dsum.shape
+            d = c // g
+            if ctx.needs_input_grad[1]:
+                rows = group_rows(d32, g)
+                dbd = torch.baddbmm(torch.einsum("ngi,ngj->gij", dsum.view(n, g, d), shift.view(n, g, d)),
+                                    rows.transpose(1, 2), group_rows(xc, g))
+            if ctx.needs_input_grad[2]:
+                dgain = (d32 * xc).sum(1) + dsum * shift.squeeze(1)
+        return dx, dbd, dgain, None, None, None

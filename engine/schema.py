@@ -71,7 +71,7 @@ TRAIN_SCHEMA = {
     "warmup_start_factor": Field(0.1, "warmup starts at lr * warmup_start_factor",
                                  check=_in_range(0.0, 1.0)),
     "label_smoothing": Field(0.0, "cross-entropy label smoothing", check=_in_range(0.0, 1.0)),
-    "amp": Field("none", "mixed precision on CUDA: none, bf16, or fp16 (with a dynamic grad scaler)",
+    "amp": Field("none", "mixed precision (autocast, on CUDA and CPU): none, bf16, or fp16 (with a dynamic grad scaler)",
                  choices=("none", "bf16", "fp16")),
     "channels_last": Field(False, "use channels_last memory format for the model and inputs"),
     "compile": Field(False, "wrap the model with torch.compile"),

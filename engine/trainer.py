@@ -52,7 +52,7 @@ class Trainer:
                               f"{world} x {tr.accum_steps}; change train.batch_size or the number of processes")
         self.batch = tr.batch_size // (world * tr.accum_steps)
         self.accum = tr.accum_steps
-        self.amp = tr.amp if self.device.type == "cuda" else "none"
+        self.amp = tr.amp
         seed_everything(rt.seed, rt.deterministic, rt.cudnn_benchmark)
 
         # data
@@ -89,7 +89,10 @@ class Trainer:
         seed_everything(rt.seed + self.dist.rank, rt.deterministic, rt.cudnn_benchmark)
         self.optimizer = build_optimizer(model, tr)
         self.scheduler = IterScheduler(self.optimizer, tr, self.iters_per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
+        if self.amp != "none":
+            self.log.info("mixed precision: %s autocast on %s%s", self.amp, self.device.type,
+                          " with a dynamic grad scaler" if self.scaler is not None else "")
         self.ema = ModelEMA(model, tr.ema_decay, tr.ema_every) if tr.ema else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
         self.net = model

@@ -36,11 +36,25 @@ def test_runs_end_to_end_and_writes_json(tmp_path):
     for (name, mode), r in rows.items():
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["n_steps"] == 2
         assert r["mfu"] is None and r["peak_mem_mb"] is None  # CPU: no datasheet peak, no device memory
-        flops = 2 * r["gmacs"] * 1e9 * 2 * (3 if mode == "train" else 1)
-        assert r["tflops"] == pytest.approx(flops / (r["step_ms"] / 1e3) / 1e12)
+        if mode == "infer":
+            assert r["step_gflops"] == pytest.approx(2 * r["gmacs"] * 2)
+        assert r["tflops"] == pytest.approx(r["step_gflops"] / r["step_ms"])  # GFLOP / ms = TFLOP/s
         assert r["baseline"] == "r20"
     assert rows[("r20", "train")]["ratio"] == 1.0
     assert rows[("r20", "train")]["params_m"] == pytest.approx(0.27, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["we_cifar_resnet20", "ce_cifar_resnet20"])
+def test_train_flops_count_what_a_training_step_runs(name):
+    # MFU used 3 x the eval forward of the WE-folded model: no WE excitation, no CE statistics
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = build_model(TINY[name])
+    counted = bench_utils.train_step_flops(model, 16, 3)
+    x = torch.randn(3, 3, 16, 16)
+    with FlopCounterMode(display=False) as direct:
+        torch.nn.functional.cross_entropy(model.train()(x), torch.zeros(3, dtype=torch.long)).backward()
+    assert counted == pytest.approx(direct.get_total_flops(), rel=1e-9)  # batches 2, 4 extended to 3
 
 
 def test_peak_table_matches_datasheets():

@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import blocks.ce as ce_mod
 from blocks.ce import CE
@@ -105,17 +107,22 @@ def batch(n, c, h, w, seed, dtype=torch.float64):
 
 
 # ----------------------------------------------------------------------------- tests
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("c,group,pooling", [(32, 16, False), (24, 16, False), (16, 64, False), (32, 8, True)])
-def test_train_forward_and_gradients_match_reference(c, group, pooling):
+def test_train_forward_and_gradients_match_reference(c, group, pooling, fmt):
     m = make(c, group, pooling=pooling)
-    x = batch(3, c, 6, 5, seed=1).requires_grad_()
+    x = batch(3, c, 6, 5, seed=1).contiguous(memory_format=fmt).requires_grad_()
     params = {k: v.detach().clone().requires_grad_() for k, v in ref_params(m).items()}
-    xr = x.detach().clone().requires_grad_()
+    xr = x.detach().contiguous().requires_grad_()
     state = ref_state(m)
     out = m(x)
     ref, new_state = ref_ce(xr, params, state, group, pooling=pooling)
+    assert out.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    go = torch.randn_like(out)
+    go = torch.randn_like(ref)
     (out * go).sum().backward()
     (ref * go).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-10)
@@ -150,13 +157,14 @@ def test_parameter_gradients_when_the_input_needs_none():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-13, msg=name)
 
 
-def test_running_statistics_and_eval_match_reference():
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+def test_running_statistics_and_eval_match_reference(fmt):
     c, group = 32, 16
     m = make(c, group, seed=3)
     params = {k: v.detach().clone() for k, v in ref_params(m).items()}
     state = ref_state(m)
     for step in range(4):
-        x = batch(4, c, 5, 5, seed=10 + step)
+        x = batch(4, c, 5, 5, seed=10 + step).contiguous(memory_format=fmt)
         with torch.no_grad():
             m(x)
         _, state = ref_ce(x, params, state, group)
@@ -164,10 +172,11 @@ def test_running_statistics_and_eval_match_reference():
     torch.testing.assert_close(m.running_mean, state["running_mean"], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(m.ir.running_scale, state["running_scale"], rtol=1e-10, atol=1e-12)
     m.eval()
-    x = batch(2, c, 5, 5, seed=99).requires_grad_()
-    xr = x.detach().clone().requires_grad_()
+    x = batch(2, c, 5, 5, seed=99).contiguous(memory_format=fmt).requires_grad_()
+    xr = x.detach().contiguous().requires_grad_()
     out = m(x)
     ref, after = ref_ce(xr, params, state, group, training=False)
+    assert out.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     out.sum().backward()
     ref.sum().backward()
@@ -189,6 +198,30 @@ def test_single_pixel_input_is_finite():
     m = CE(32)
     out = m(torch.randn(4, 32, 1, 1))
     assert torch.isfinite(out).all()
+
+
+def test_float16_single_pixel_maps_stay_in_range():
+    # 1x1 maps have no spatial variance, so s sits at its floor: with the floor at eps, IR's gain was
+    # ~2.5e4 and fp16 outputs inf (NaN losses in CE-MobileNetV2 at 32x32); now s >= sqrt(eps)
+    m = make(32, 16, dtype=torch.float32)
+    x = batch(4, 32, 1, 1, seed=7, dtype=torch.float32).half().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = m(x)
+    assert out.dtype == torch.float16
+    assert torch.isfinite(out + out).all()  # a residual add of two such outputs stays in range too
+    out.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(m.theta.grad).all()
+    torch.testing.assert_close(m.ir.running_scale, torch.tensor([0.9 + 0.1 * EPS ** 0.5]))
+
+
+def test_non_finite_batch_leaves_running_buffers_alone():
+    m = make(32, 16, dtype=torch.float32)
+    before = ref_state(m)
+    x = batch(2, 32, 4, 4, seed=8, dtype=torch.float32)
+    x[0, 3, 1, 1] = float("inf")  # e.g. an fp16 overflow upstream, in a step GradScaler will skip
+    m(x)
+    for name, buf in ref_state(m).items():
+        assert torch.equal(buf, before[name]), name
 
 
 @pytest.mark.parametrize("c,group,expect", [(24, 16, 8), (64, 16, 16), (64, 64, 64), (6, 16, 2), (7, 16, 1)])
@@ -217,7 +250,41 @@ def test_channels_last_gives_the_same_result():
     torch.testing.assert_close(m(x), m2(x.contiguous(memory_format=torch.channels_last)))
 
 
-def test_bf16_autocast_statistics_in_float32(monkeypatch):
+class _Allocations(TorchDispatchMode):
+    """Counts the aten ops that write a new tensor of at least ``numel`` elements (views excluded)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        self.ops += [func.__name__ for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.numel() >= self.numel
+                     and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_makes_no_extra_activation_copies(training):
+    # CE used to convert channels_last input to NCHW and back: 3 activation-sized copies per
+    # training step, 2 in eval; it now works on the NHWC layout directly
+    counts = {}
+    for fmt in FORMATS:
+        m = make(32, 16, dtype=torch.float32).train(training)
+        x = batch(4, 32, 8, 8, seed=9, dtype=torch.float32).contiguous(memory_format=fmt).requires_grad_(training)
+        go = torch.randn_like(x)
+        with _Allocations(x.numel()) as seen, torch.set_grad_enabled(training):  # eval: inference
+            out = m(x)
+            if training:
+                out.backward(go)
+        assert out.is_contiguous(memory_format=fmt) and (not training or x.grad.is_contiguous(memory_format=fmt))
+        counts[fmt] = [op for op in seen.ops if op.split(".")[0] in ("clone", "copy_", "_to_copy")]
+    assert counts[torch.channels_last] == counts[torch.contiguous_format] == [], counts
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+def test_bf16_autocast_statistics_in_float32(monkeypatch, fmt):
     seen = []
     real = ce_mod.newton_isqrt
 
@@ -228,7 +295,7 @@ def test_bf16_autocast_statistics_in_float32(monkeypatch):
     monkeypatch.setattr(ce_mod, "newton_isqrt", spy)
     m32 = make(64, 16, dtype=torch.float32)
     m16 = make(64, 16, dtype=torch.float32)
-    x = batch(4, 64, 8, 8, seed=5, dtype=torch.float32).bfloat16()
+    x = batch(4, 64, 8, 8, seed=5, dtype=torch.float32).bfloat16().contiguous(memory_format=fmt)
     ref = m32(x.float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m16(x)
@@ -254,15 +321,31 @@ def test_float16_input_keeps_dtype_and_is_finite():
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+def test_compiles_without_graph_breaks(fmt):
     m = make(32, 16, dtype=torch.float32)
     eager = make(32, 16, dtype=torch.float32)
     compiled = torch.compile(m, backend="eager", fullgraph=True)
-    x = batch(2, 32, 4, 4, seed=7, dtype=torch.float32)
-    torch.testing.assert_close(compiled(x), eager(x))
+    x = batch(2, 32, 4, 4, seed=7, dtype=torch.float32).contiguous(memory_format=fmt)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = compiled(xa), eager(xb)
+    torch.testing.assert_close(ya, yb)
+    ya.square().sum().backward(), yb.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(m.theta.grad, eager.theta.grad)
     torch.testing.assert_close(m.running_wm, eager.running_wm)
     m.eval(), eager.eval()
     torch.testing.assert_close(compiled(x), eager(x))
+
+
+def test_export_matches_eager():
+    # torch.export (what tools/export.py's ONNX path builds on) sees the same functional forward
+    m = make(32, 16, dtype=torch.float32).eval()
+    x = batch(2, 32, 4, 4, seed=7, dtype=torch.float32)
+    for fmt in FORMATS:
+        xf = x.contiguous(memory_format=fmt)
+        ep = torch.export.export(m, (xf,))
+        torch.testing.assert_close(ep.module()(xf), m(xf))
 
 
 def test_registered_with_stem_option():

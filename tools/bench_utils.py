@@ -4,6 +4,7 @@ Kept apart so the benchmark's command line stays short and ``tools/bench_check.p
 ``--check`` / ``--graph-breaks`` modes) can share the same step definitions.
 """
 import contextlib
+import copy
 import platform
 import statistics
 import sys
@@ -93,14 +94,38 @@ def is_we(model):
 def forward_gmacs(model, input_size, batch_size):
     """(GMACs of one image, GMACs of a forward of the whole batch), eval mode, on the CPU model.
 
-    The first is ``tools.flops.complexity``'s figure. The batch figure is f(1) + (B - 1)(f(2) - f(1)):
-    work that does not grow with the batch -- WE's weight excitation, ~1.4 GMACs in WE-ResNet-50
-    whatever the batch -- counts once per step instead of once per image.
+    The first is ``tools.flops.complexity``'s figure. The batch figure is f(1) + (B - 1)(f(2) - f(1)).
+    WE is counted folded (0 excitation work): an inference step runs none either, as WEConv2d caches
+    its excited weight in eval without autograd. Training steps: :func:`train_step_flops`.
     """
     from tools.flops import complexity
     _, one = complexity(model, input_size)
     _, two = complexity(_Twice(model), input_size)
     return one, one + (batch_size - 1) * (two - one)
+
+
+def train_step_flops(model, input_size, batch_size):
+    """FLOPs one training step executes: train-mode forward + cross-entropy + backward of the batch.
+
+    Counted by ``torch.utils.flop_counter`` on the unfolded model in train mode, so it includes what
+    an eval-mode count of the folded model misses: CE's batch statistics (per-sample Gram matrices,
+    Newton iterations) and their gradients, WE's weight excitation and its backward (once per step,
+    not per image), and the real backward (the stem has no input gradient). Counted at batches 2
+    and 4 and extended linearly to ``batch_size``: every count is affine in the batch size.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    net = copy.deepcopy(model).train()
+    gen = torch.Generator().manual_seed(0)
+
+    def count(b):
+        x = torch.randn(b, 3, input_size, input_size, generator=gen)
+        with FlopCounterMode(display=False) as counter:
+            logits = net(x)
+            F.cross_entropy(logits, torch.zeros(b, dtype=torch.long)).backward()
+        return counter.get_total_flops()
+
+    two, four = count(2), count(4)
+    return two + (batch_size - 2) * (four - two) / 2
 
 
 class _Twice(torch.nn.Module):
@@ -307,8 +332,8 @@ def time_models(entries, args, device):
             rows.append(row)
             continue
         st = summarize(job.times)
-        flops = 2 * e.step_gmacs * 1e9 * (3 if job.mode == "train" else 1)
-        row.update(step_ms=st["median"] * 1e3, step_ms_mean=st["mean"] * 1e3, step_ms_min=st["min"] * 1e3,
+        flops = e.train_flops if job.mode == "train" else 2 * e.step_gmacs * 1e9
+        row.update(step_gflops=flops / 1e9, step_ms=st["median"] * 1e3, step_ms_mean=st["mean"] * 1e3, step_ms_min=st["min"] * 1e3,
                    step_ms_max=st["max"] * 1e3, n_steps=st["n"], images_per_s=args.batch_size / st["median"],
                    tflops=flops / st["median"] / 1e12, mfu=flops / st["median"] / peak if peak else None,
                    peak_mem_mb=job.peak / 2**20 if job.peak else None, warmup_s=job.warmup_s)

@@ -10,10 +10,12 @@ A training step is zero_grad(set_to_none) + forward + cross-entropy + backward +
 (momentum 0.9, wd 1e-4); an inference step is an eval-mode forward under no_grad. Models are
 timed interleaved (``--repeats`` rounds of ``--steps`` steps each, after ``--warmup``), and
 the tables report the median step: throughput = batch / median step time. MFU = model FLOPs /
-step time / the card's datasheet peak at the precision, with model FLOPs = 2 x the forward MACs
-of the batch (x3 for training: forward + backward), counted by ``tools.flops.complexity`` at the
-input size (work that does not grow with the batch, WE's weight excitation, counted once per
-step). Peak memory is what the model's steps need beyond what other resident models hold.
+step time / the card's datasheet peak at the precision. Model FLOPs are what the step executes,
+counted by ``torch.utils.flop_counter`` at the input size: for inference 2 x the eval-mode forward
+MACs of the batch (``tools.flops.complexity``; WE folded: in eval WEConv2d caches its excited
+weight, so inference runs no excitation); for training the train-mode forward + backward of the unfolded model
+(``bench_utils.train_step_flops``: CE's Gram/Newton statistics and gradients, WE's excitation and
+its backward once per step), not 3 x the forward. Peak memory is what the model's steps need beyond what other resident models hold.
 """
 import argparse
 import copy
@@ -68,7 +70,7 @@ class Entry:
 
     def __init__(self, name, spec, input_size=None):
         self.name, self.spec, self.input_size = name, spec, input_size
-        self.model = self.error = self.gmacs = self.step_gmacs = self.params = None
+        self.model = self.error = self.gmacs = self.step_gmacs = self.train_flops = self.params = None
         self.infer_only = False  # a folded WE copy: nothing to train
 
     @property
@@ -124,6 +126,8 @@ def prepare(entries, args, device):
                 entry.params = sum(p.numel() for p in cpu_model.parameters())
                 if not (args.check or args.graph_breaks):  # FLOPs are not needed there
                     entry.gmacs, entry.step_gmacs = bu.forward_gmacs(cpu_model, e.input_size, args.batch_size)
+                    if args.mode != "infer" and not entry.infer_only:
+                        entry.train_flops = bu.train_step_flops(cpu_model, e.input_size, args.batch_size)
                 entry.model = cpu_model.to(device)
                 if args.channels_last:
                     entry.model = entry.model.to(memory_format=torch.channels_last)
