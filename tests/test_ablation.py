@@ -26,7 +26,7 @@ def test_ablation_trains_compares_and_analyses(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| resnet20 |"))
     assert f"{statistics.mean(best.values()):.2f} ± {statistics.stdev(best.values()):.2f}" in row
     assert "| ce_resnet20 |" in text and "python -m tools.ablation --variants" in text
-    assert "has 16 images (one image = 6.25 points)" in text
+    assert "measured on 16 validation images (one image = 6.25 points)" in text
     import matplotlib.image
     for png in ("top1.png", "curves.png", "cdf_stages.png", "inhibited_depth.png"):
         assert matplotlib.image.imread(out / png).shape[0] > 300
