@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,12 +21,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_exit_codes_are_distinct_and_documented():
     codes = {n: getattr(guard, n) for n in dir(guard) if n.startswith('EXIT_')}
     assert codes == {'EXIT_OK': 0, 'EXIT_ERROR': 1, 'EXIT_USAGE': 2, 'EXIT_NONFINITE': 3, 'EXIT_IO': 74,
-                     'EXIT_PREEMPTED': 75}
+                     'EXIT_PREEMPTED': 75, 'EXIT_PEER_LOST': 76}
     for name, code in codes.items():
         assert f'{code:<4}  {name}' in guard.__doc__
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_preemption_guard_sets_a_flag_and_restores_handlers(sig):
     before = signal.getsignal(sig)
     with PreemptionGuard() as g:
@@ -39,11 +40,13 @@ def test_preemption_guard_sets_a_flag_and_restores_handlers(sig):
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
 def test_second_signal_kills_at_once():
     pid = os.fork()
-    if pid == 0:  # child: the first SIGTERM only sets the flag, the second one is fatal
+    if pid == 0:  # child: the first SIGTERM only sets the flag, a later one is fatal
         try:
-            g = PreemptionGuard().install()
+            g = PreemptionGuard(repeat_after=0.05).install()
             os.kill(os.getpid(), signal.SIGTERM)
-            if g.requested:
+            os.kill(os.getpid(), signal.SIGINT)  # the same request delivered twice (group + launcher): ignored
+            time.sleep(0.1)
+            if g.requested and g.signum == signal.SIGTERM:
                 os.kill(os.getpid(), signal.SIGTERM)
         finally:
             os._exit(7)  # reached only if the second signal did not kill us
@@ -90,3 +93,39 @@ def test_quick_fault_injection(tmp_path):
                      r'1 SIGTERM \(1 saved and exited 75\)', out), out
     assert 'checkpoints found corrupt: 0' in out
     assert 'bit-identical to the uninterrupted run: yes' in out
+
+
+def test_second_run_on_a_work_dir_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
+    """Item 3 of issue 10: one run per work directory (engine/lock.py); the OS frees the lock of a dead run."""
+    work = tmp_path / 'run'
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from engine.lock import WorkDirLock; '
+                               f'lock = WorkDirLock({str(work)!r}).acquire(); print("locked", flush=True); time.sleep(600)'],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        cmd = [sys.executable, '-m', 'tools.train', 'runtime.device=cpu', f'runtime.work_dir={work}',
+               'runtime.max_steps=1', 'data.dataset=synthetic', 'data.input_size=8', 'data.synthetic.train_size=16',
+               'data.synthetic.val_size=8', 'train.batch_size=8', 'runtime.tensorboard=false']
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert p.stderr.count('\n') == 1 and 'is in use by another run' in p.stderr, p.stderr
+        assert f'pid {holder.pid} on ' in p.stderr and 'Traceback' not in p.stderr
+        assert sorted(os.listdir(work)) == ['.lock'], 'the refused run wrote into the work directory'
+    finally:
+        holder.kill()
+        holder.wait()
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (work / 'log.txt').is_file()
+
+
+def test_trainer_holds_the_work_dir_lock_for_the_whole_run(tmp_path):
+    from engine.lock import WorkDirBusy, WorkDirLock
+    from engine.trainer import Trainer
+    from tests.engine_helpers import tiny_cfg, tiny_model
+    cfg = tiny_cfg(tmp_path, 'train.epochs=1', 'eval.interval=0')
+    trainer = Trainer(cfg, model_fn=tiny_model)
+    with pytest.raises(WorkDirBusy, match='in use by another run'):
+        WorkDirLock(tmp_path).acquire()
+    trainer.train()
+    WorkDirLock(tmp_path).acquire().release()  # released at the end
