@@ -5,16 +5,16 @@ The work directory defaults to ``work_dirs/<config file name>``; starting the
 same command again resumes from its latest checkpoint.
 
 Exit codes (engine/guard.py): 0 finished; 1 unexpected error (traceback);
-2 refused config/override/checkpoint/dataset (one-line message, nothing
-written); 3 loss stayed nan/inf; 74 a checkpoint could not be written;
-75 stopped by SIGTERM/SIGUSR1 after saving: run the same command to continue.
+2 refused config/override/checkpoint/dataset or a work directory in use
+(one-line message, nothing written); 3 loss stayed nan/inf; 74 a checkpoint
+could not be written; 75 stopped by SIGTERM/SIGUSR1/SIGINT after saving: run
+the same command to continue; 76 another process of the run died or never joined.
 """
 import argparse
 import os
 import sys
 
 DEFAULT_CONFIG = "configs/default.yaml"
-EXIT_FILE_ENV = "BLOCKLAB_EXIT_FILE"
 
 
 def parse_args(argv=None):
@@ -34,25 +34,15 @@ def default_work_dir(config_path):
     return os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
 
 
-def report_exit(code):
-    """Tell a wrapper script (train.sh) our exit code: torchrun does not pass it through."""
-    path = os.environ.get(EXIT_FILE_ENV)
-    if path and os.environ.get("RANK", "0") == "0":
-        try:
-            with open(path, "w") as f:
-                f.write(f"{code}\n")
-        except OSError:
-            pass
-    return code
-
-
 def run(argv=None):
     from engine import distributed as du
     from engine.checkpoint import CheckpointError
     from engine.config import load_config
     from engine.fields import ConfigError
-    from engine.guard import EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, NonFiniteError
+    from engine.guard import (EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE,
+                              NonFiniteError)
     args = parse_args(argv)
+    code, err = EXIT_OK, None
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.runtime.work_dir is None:
@@ -60,25 +50,33 @@ def run(argv=None):
         if args.check:
             return EXIT_OK
         from engine.trainer import Trainer
-        trainer = Trainer(cfg)
-        result = trainer.train()
+        result = Trainer(cfg).train()
+        code = EXIT_PREEMPTED if result["status"] == "preempted" else EXIT_OK
     except ConfigError as e:
-        if du.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code, err = EXIT_USAGE, f"error: {e}"
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_IO
+        code, err = EXIT_IO, f"error: {e}"
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
+        code, err = EXIT_NONFINITE, f"error: {e}"
+    except RuntimeError as e:  # a dead process of the run: one line (the launcher names the process), else a bug
+        lost = du.as_peer_lost(e)
+        if lost is None:
+            raise
+        code, err = EXIT_PEER_LOST, f"error: {lost}"
+        if os.environ.get("BLOCKLAB_LAUNCHER") and "lost contact" in err:
+            err = None
+    except KeyboardInterrupt:  # Ctrl-C before the trainer handles signals: nothing new to save
+        code, err = EXIT_PREEMPTED, "stopped by SIGINT before training started; nothing new to save"
     finally:
+        rank0 = du.launch_rank() == 0
         du.destroy()
-    return EXIT_PREEMPTED if result["status"] == "preempted" else EXIT_OK
+    if err and rank0:  # every rank refuses alike: say it once
+        print(err, file=sys.stderr)
+    return code
 
 
 def main(argv=None):
-    sys.exit(report_exit(run(argv)))
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":
