@@ -99,7 +99,8 @@ def test_second_run_on_a_work_dir_is_refused_and_a_killed_holder_leaves_no_lock(
     """Item 3 of issue 10: one run per work directory (engine/lock.py); the OS frees the lock of a dead run."""
     work = tmp_path / 'run'
     holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from engine.lock import WorkDirLock; '
-                               f'lock = WorkDirLock({str(work)!r}).acquire(); print("locked", flush=True); time.sleep(600)'],
+                               f'lock = WorkDirLock({str(work)!r}).acquire(); print("locked", flush=True); '
+                               'time.sleep(600)'],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
