@@ -118,7 +118,7 @@ def build_loader(dataset, data_cfg, split, batch_size, distributed=False, seed=0
     if distributed:
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("build_loader(distributed=True) needs torch.distributed initialised first "
-                              "(launch with torchrun / train.sh)")
+                              "(launch with train.sh or torchrun)")
         rank, world = dist.get_rank(), dist.get_world_size()
     train = split == "train"
     if train:

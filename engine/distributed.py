@@ -1,6 +1,6 @@
-"""Process-group setup from torchrun or SLURM variables, and small collective helpers.
+"""Process-group setup from launcher (tools/launch.py, torchrun) or SLURM variables, and collective helpers.
 
-torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``;
+tools/launch.py and torchrun set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``;
 under ``srun`` without torchrun, ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``
 are used and ``MASTER_ADDR`` defaults to the first host of ``SLURM_NODELIST``.
 A single process with neither set runs without a process group. The backend is

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -124,3 +125,15 @@ def test_startup_imports_only_what_it_needs():
             "assert 'torchvision' not in sys.modules, 'config check imports torchvision'")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_sigterm_during_setup_stops_in_one_line(tmp_path):
+    """Issue 10 item 1: a stop signal before the first step (while the model and data are built) is a clean stop."""
+    cfg = _tiny(tmp_path)
+    p = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)  # inside the imports/setup of tools.train, before any step
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 75, out + err
+    assert err.strip() == "stopped by SIGTERM before training started; nothing new to save", out + err

@@ -106,9 +106,10 @@ class Launch:
                 if rank in self.codes or p.poll() is None:
                     continue
                 code = self.codes[rank] = p.returncode
+                if code != 0:  # the others end too (together when they agree), else they are killed
+                    deadline = deadline or time.monotonic() + self.grace
                 if code not in (0, EXIT_PREEMPTED) and -code != self.stop_signal:
                     failures.append(rank)
-                    deadline = deadline or time.monotonic() + self.grace
             if deadline is not None and time.monotonic() > deadline:
                 for p in self.procs:
                     if p.poll() is None:

@@ -1,6 +1,6 @@
 """Train a model from a config:  python -m tools.train [CONFIG] [key=value ...]
 
-Usually started through ``./train.sh`` (torchrun) or ``tools/slurm_train.sh`` (srun).
+Usually started through ``./train.sh`` (tools/launch.py) or ``tools/slurm_train.sh`` (srun).
 The work directory defaults to ``work_dirs/<config file name>``; starting the
 same command again resumes from its latest checkpoint.
 
@@ -12,6 +12,7 @@ the same command to continue; 76 another process of the run died or never joined
 """
 import argparse
 import os
+import signal
 import sys
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -34,7 +35,26 @@ def default_work_dir(config_path):
     return os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
 
 
+def _stop_during_setup(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run(argv=None):
+    # until the trainer's guard takes over, a stop signal ends the run in one line
+    previous = {s: signal.signal(s, _stop_during_setup) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return _run(argv)
+    except KeyboardInterrupt as e:  # nothing new to save
+        if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
+            print(f"stopped by {e.args[0] if e.args else 'SIGINT'} before training started; nothing new to save",
+                  file=sys.stderr)
+        return 75  # engine.guard.EXIT_PREEMPTED (maybe not imported yet)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run(argv):
     from engine import distributed as du
     from engine.checkpoint import CheckpointError
     from engine.config import load_config
@@ -65,8 +85,6 @@ def run(argv=None):
         code, err = EXIT_PEER_LOST, f"error: {lost}"
         if os.environ.get("BLOCKLAB_LAUNCHER") and "lost contact" in err:
             err = None
-    except KeyboardInterrupt:  # Ctrl-C before the trainer handles signals: nothing new to save
-        code, err = EXIT_PREEMPTED, "stopped by SIGINT before training started; nothing new to save"
     finally:
         rank0 = du.launch_rank() == 0
         du.destroy()
