@@ -28,7 +28,7 @@ runtime: {{device: cpu, work_dir: {work}, log_interval: 1, tensorboard: false}}
     for line in p.stdout:
         lines.append(line)
         if "[3/60]" in line:
-            p.send_signal(signal.SIGTERM)  # to train.sh, which hands it to torchrun, which hands it to both ranks
+            p.send_signal(signal.SIGTERM)  # to train.sh (the launcher), which hands it to both ranks
             break
     out = "".join(lines) + p.stdout.read()
     assert p.wait(timeout=180) == 75, out

@@ -225,14 +225,7 @@ STRIKES = {  # name: (what it does, the exit code it must give)
 
 def process_tree(pid):
     """``pid`` and all its descendants (from /proc)."""
-    parents = {}
-    for name in os.listdir('/proc'):
-        if name.isdigit():
-            try:
-                with open(f'/proc/{name}/stat') as f:
-                    parents[int(name)] = int(f.read().rsplit(')', 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
+    parents = {int(n): _parent(int(n)) for n in os.listdir('/proc') if n.isdigit()}
     tree, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -241,16 +234,27 @@ def process_tree(pid):
     return tree
 
 
+def _environ(pid):
+    try:
+        with open(f'/proc/{pid}/environ', 'rb') as f:
+            return f.read().split(b'\0')
+    except OSError:
+        return []
+
+
+def _parent(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def rank_pid(launcher, rank):
+    """The trainer process of ``rank`` under ``launcher`` (not its data loader workers, which share its RANK)."""
+    mark = f'RANK={rank}'.encode()
     for p in process_tree(launcher):
-        try:
-            with open(f'/proc/{p}/environ', 'rb') as f:
-                env = f.read().split(b'\0')
-            with open(f'/proc/{p}/stat') as f:
-                parent = int(f.read().rsplit(')', 1)[1].split()[1])
-        except OSError:
-            continue
-        if parent == launcher and f'RANK={rank}'.encode() in env:
+        if mark in _environ(p) and mark not in _environ(_parent(p)):
             return p
     return None
 
