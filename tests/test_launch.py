@@ -137,3 +137,26 @@ def test_sigterm_during_setup_stops_in_one_line(tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 75, out + err
     assert err.strip() == "stopped by SIGTERM before training started; nothing new to save", out + err
+
+
+def test_launcher_ends_the_run_when_a_process_is_killed(capsys):
+    """tools/launch.py alone (no torch): rank 1 dies of SIGKILL, rank 0 would run on: killed after the grace."""
+    from tools.launch import Launch, visible_gpus
+    script = ("import os, signal, time\n"
+              "if os.environ['RANK'] == '1': os.kill(os.getpid(), signal.SIGKILL)\n"
+              "time.sleep(60)")
+    run = Launch([sys.executable, "-c", script], nproc=2, grace=0.5)
+    run.start()
+    begin = time.monotonic()
+    assert run.wait() == 76
+    assert time.monotonic() - begin < 20
+    err = capsys.readouterr().err
+    assert err.startswith("error: the process of rank 1 (pid ") and "killed by SIGKILL" in err
+    assert len(err.splitlines()) == 1
+    os.environ["CUDA_VISIBLE_DEVICES"], before = "0,1,3", os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        assert visible_gpus() == 3
+    finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES")
+        if before is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before

@@ -80,17 +80,18 @@ class Launch:
         self.cmd, self.nproc, self.grace = cmd, nproc, grace
         self.world, self.base = nnodes * nproc, node_rank * nproc
         self.addr, self.port = addr, port or free_port()
-        self.procs, self.codes, self.stop_signal = [], {}, None
+        self.procs, self.codes, self.stop_signal, self.previous = [], {}, None, {}
 
     def start(self):
+        self.previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
         for local in range(self.nproc):
+            if self.stop_signal is not None:  # stopped while starting: start no more
+                break
             env = {**os.environ, "RANK": str(self.base + local), "LOCAL_RANK": str(local),
                    "WORLD_SIZE": str(self.world), "LOCAL_WORLD_SIZE": str(self.nproc),
                    "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "BLOCKLAB_LAUNCHER": "1"}
             env.setdefault("OMP_NUM_THREADS", "1")
             self.procs.append(subprocess.Popen(self.cmd, env=env, preexec_fn=_child_setup))
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._forward)
 
     def _forward(self, signum, frame):
         self.stop_signal = signum
@@ -115,9 +116,11 @@ class Launch:
                     if p.poll() is None:
                         p.kill()
             time.sleep(0.05)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
         if not failures:
-            code = self.codes[0]
-            if code < 0:  # killed by the signal we forwarded, before the trainer could handle it (during setup)
+            code = self.codes.get(0, -(self.stop_signal or 0))
+            if code < 0:  # killed by the signal we forwarded before the trainer could handle it (or never started)
                 print(f"stopped by {signal.Signals(-code).name} before training started; nothing new to save",
                       file=sys.stderr, flush=True)
                 return EXIT_PREEMPTED
@@ -163,7 +166,7 @@ def launch(argv):
     if node_rank >= nnodes:
         raise Refused(f"NODE_RANK={node_rank} must be below NNODES={nnodes}")
     run = Launch(cmd, nproc, nnodes, node_rank, os.environ.get("MASTER_ADDR") or "127.0.0.1",
-                    _env_int("MASTER_PORT", 29500, 1) if multi else None)
+                 _env_int("MASTER_PORT", 29500, 1) if multi else None)
     run.start()
     return run.wait()
 
