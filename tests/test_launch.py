@@ -127,13 +127,26 @@ def test_startup_imports_only_what_it_needs():
     assert p.returncode == 0, p.stderr
 
 
+def _catches(pid, sig):
+    """True once process ``pid`` runs tools.train with a handler for ``sig`` (from /proc)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if b"tools.train" not in f.read():
+            return False
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught >> (sig - 1) & 1)
+
+
 def test_sigterm_during_setup_stops_in_one_line(tmp_path):
     """Issue 10 item 1: a stop signal before the first step (while the model and data are built) is a clean stop."""
     cfg = _tiny(tmp_path)
     p = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)  # inside the imports/setup of tools.train, before any step
-    p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while not _catches(p.pid, signal.SIGTERM):  # until train.sh became tools.train and it installed its handler
+        assert time.monotonic() < deadline and p.poll() is None, "train.sh did not become tools.train"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)  # while tools.train imports torch and builds the run: before any step
     out, err = p.communicate(timeout=120)
     assert p.returncode == 75, out + err
     assert err.strip() == "stopped by SIGTERM before training started; nothing new to save", out + err
