@@ -11,7 +11,7 @@
 # again resumes from the work directory's latest checkpoint; one run at a time owns a
 # work directory. SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) to this script or its process
 # group: every process saves a checkpoint at the current step and the script exits
-# with 75 (run it again to continue); a second signal stops at once.
+# with 75 (run it again to continue); Ctrl-C again stops at once.
 # Exit codes: 0 done, 1 error, 2 refused config (nothing written), 3 nan/inf loss,
 # 74 checkpoint write failed, 75 stopped after saving, 76 a process died or never joined.
 set -u

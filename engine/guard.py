@@ -63,13 +63,14 @@ class PreemptionGuard:
 
     The handlers only set a flag; the loop polls :meth:`should_stop` once per step,
     saves a checkpoint of the current step and exits with :data:`EXIT_PREEMPTED`.
-    A stop signal arriving more than ``repeat_after`` seconds after the first
-    restores the default action and re-raises it (kill now: the atomic save keeps
-    earlier checkpoints intact); earlier ones are the same request delivered twice
-    (SLURM or a terminal signal the process group and the launcher forwards it too).
-    Handlers are restored on :meth:`uninstall` / leaving the ``with``.
-    Outside the main thread (where Python cannot install handlers) the guard
-    is inert and says so.
+    Once stopping, a SIGINT (Ctrl-C again) arriving more than ``repeat_after``
+    seconds after the first signal restores the default action and re-raises it
+    (stop now: the atomic save keeps earlier checkpoints intact). Repeated
+    SIGTERM/SIGUSR1 are ignored: SLURM and torchrun signal every process *and*
+    the launcher forwards it, at moments a loaded machine can set seconds apart,
+    and both follow up with SIGKILL themselves. Handlers are restored on
+    :meth:`uninstall` / leaving the ``with``. Outside the main thread (where
+    Python cannot install handlers) the guard is inert and says so.
     """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT), check_every=1, repeat_after=1.0):
@@ -90,14 +91,14 @@ class PreemptionGuard:
     def _handle(self, signum, frame):
         now = time.monotonic()
         if self.signum is not None:
-            if now - self._first < self.repeat_after:
+            if signum != signal.SIGINT or now - self._first < self.repeat_after:
                 return
-            log.warning('second stop signal (%s): stopping immediately', signal.Signals(signum).name)
+            log.warning('second stop signal (SIGINT): stopping immediately')
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum, self._first = signum, now
-        log.warning('received %s: stopping at the end of this step (a second signal stops at once)',
+        log.warning('received %s: stopping at the end of this step (Ctrl-C again stops at once)',
                     signal.Signals(signum).name)
 
     def install(self):

@@ -16,6 +16,17 @@ import time
 from engine.fields import ConfigError
 
 LOCK_NAME = ".lock"
+_HELD = set()  # descriptors of the locks this process holds
+
+
+def _forget_in_child():
+    """A forked child (a data loader worker) must not keep its parent's lock alive after the parent died."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class WorkDirBusy(ConfigError):
@@ -36,7 +47,7 @@ class WorkDirLock:
     def __init__(self, work_dir):
         self.work_dir = os.fspath(work_dir)
         self.path = os.path.join(self.work_dir, LOCK_NAME)
-        self.fd = None
+        self.fd = self.pid = None
 
     def acquire(self):
         if os.path.exists(self.work_dir) and not os.path.isdir(self.work_dir):
@@ -63,13 +74,15 @@ class WorkDirLock:
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
-        self.fd = fd
+        self.fd, self.pid = fd, os.getpid()
+        _HELD.add(fd)
         return self
 
     def release(self):
-        if self.fd is not None:
+        if self.fd is not None and self.pid == os.getpid():  # (a forked child closed its copy at the fork)
             os.close(self.fd)  # closing the last descriptor releases the flock
-            self.fd = None
+            _HELD.discard(self.fd)
+        self.fd = None
 
     __del__ = release
 

@@ -46,12 +46,13 @@ def test_second_signal_kills_at_once():
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGINT)  # the same request delivered twice (group + launcher): ignored
             time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGTERM)  # SLURM/torchrun repeat SIGTERM, then send SIGKILL: ignored
             if g.requested and g.signum == signal.SIGTERM:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: stop now
         finally:
             os._exit(7)  # reached only if the second signal did not kill us
     _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT
 
 
 def test_nonfinite_guard_skips_then_stops_naming_step_and_checkpoint(tmp_path):
@@ -130,3 +131,21 @@ def test_trainer_holds_the_work_dir_lock_for_the_whole_run(tmp_path):
         WorkDirLock(tmp_path).acquire()
     trainer.train()
     WorkDirLock(tmp_path).acquire().release()  # released at the end
+
+
+def test_a_forked_child_does_not_keep_a_dead_runs_lock(tmp_path):
+    """A data loader worker outliving its killed trainer (up to 5 s) must not hold the work dir for it."""
+    from engine.lock import WorkDirLock
+    code = ('import os, signal, time; from engine.lock import WorkDirLock\n'
+            f'lock = WorkDirLock({str(tmp_path)!r}).acquire()\n'
+            'child = os.fork()\n'
+            'if child == 0:\n    os.close(1); os.close(2); time.sleep(60); os._exit(0)\n'
+            'print(child, flush=True); os.kill(os.getpid(), signal.SIGKILL)\n')
+    p = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    child = int(p.stdout)
+    try:
+        os.kill(child, 0)  # the forked child still runs ...
+        WorkDirLock(tmp_path).acquire().release()  # ... and the lock is free
+    finally:
+        os.kill(child, signal.SIGKILL)

@@ -118,13 +118,13 @@ class Launch:
             time.sleep(0.05)
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        stopped = [r for r, c in self.codes.items() if self.stop_signal and c == -self.stop_signal]
+        if stopped or not self.codes:  # the forwarded signal killed a process (during setup, or Ctrl-C twice)
+            print(f"stopped by {signal.Signals(self.stop_signal).name} before a checkpoint could be saved; the last "
+                  "one is intact: run the same command to continue", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
         if not failures:
-            code = self.codes.get(0, -(self.stop_signal or 0))
-            if code < 0:  # killed by the signal we forwarded before the trainer could handle it (or never started)
-                print(f"stopped by {signal.Signals(-code).name} before training started; nothing new to save",
-                      file=sys.stderr, flush=True)
-                return EXIT_PREEMPTED
-            return code
+            return self.codes[0]
         rank = failures[0]
         code, pid, who = self.codes[rank], self.procs[rank].pid, self.base + rank
         if code < 0:
