@@ -209,4 +209,7 @@ def broadcast_buffers(module, src=0):
 
 def destroy():
     if is_dist():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:  # a peer died: there is nothing left to tear down cleanly, and the reason is known
+            pass

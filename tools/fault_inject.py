@@ -331,13 +331,15 @@ def main_real(args):
         with open(log, errors='replace') as f:
             text = f.read()
         clean = 'Traceback' not in text
+        error = '' if clean else next((line for line in reversed(text.splitlines()) if 'Error' in line), '?')
         good = rc == want and saved and not problems and clean
         ok &= good
         results.append(dict(strike=kind, at_step=step, exit=rc, expected=want, checkpoint=latest,
                             corrupt=problems, traceback=not clean))
         print(f'{STRIKES[kind][0]} at step {step}: exit {rc} (want {want}); checkpoint '
               f'{os.path.basename(latest) if latest else "none"}{"" if saved else " (WRONG)"}; {checked} readable, '
-              f'{len(problems)} corrupt; {"no traceback" if clean else "TRACEBACK in " + log}', flush=True)
+              f'{len(problems)} corrupt; {"no traceback" if clean else f"TRACEBACK in {log}: {error[:160]}"}',
+              flush=True)
     rc = train_sh(config, run_dir, os.path.join(root, 'logs', 'finish.log')).wait(timeout=600)
     ref_rc = ref.wait(timeout=600)
     if rc != 0 or ref_rc != 0:

@@ -75,6 +75,15 @@ def _child_setup():
         pass
 
 
+def _end_group(pid):
+    """Kill what is left of an ended process's group: data loader workers of a killed rank (they ignore SIGTERM)
+    would otherwise print broken-pipe tracebacks until they notice their parent is gone."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 class Launch:
     def __init__(self, cmd, nproc, nnodes=1, node_rank=0, addr="127.0.0.1", port=None, grace=GRACE_S):
         self.cmd, self.nproc, self.grace = cmd, nproc, grace
@@ -107,6 +116,7 @@ class Launch:
                 if rank in self.codes or p.poll() is None:
                     continue
                 code = self.codes[rank] = p.returncode
+                _end_group(p.pid)
                 if code != 0:  # the others end too (together when they agree), else they are killed
                     deadline = deadline or time.monotonic() + self.grace
                 if code not in (0, EXIT_PREEMPTED) and -code != self.stop_signal:
