@@ -86,7 +86,7 @@ def test_compare_finds_a_one_ulp_difference():
 def test_quick_fault_injection(tmp_path):
     """3 SIGKILLs (one inside a checkpoint write) and a SIGTERM; resumed run is bit-identical."""
     p = subprocess.run([sys.executable, '-m', 'tools.fault_inject', '--kills', '3', '--save-kills', '1',
-                        '--terms', '1', '--epochs', '1', '--train-size', '48', '--work-dir', str(tmp_path)],
+                        '--terms', '1', '--epochs', '1', '--train-size', '96', '--work-dir', str(tmp_path)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out

@@ -1,7 +1,7 @@
 """Kill a small training run again and again, resume it each time, and check nothing was lost.
 
     python -m tools.fault_inject                       # 20 SIGKILLs (6 in checkpoint writes, 2 in setup) + 2 SIGTERMs
-    python -m tools.fault_inject --kills 3 --save-kills 1 --terms 1 --epochs 1 --train-size 48  # tests
+    python -m tools.fault_inject --kills 3 --save-kills 1 --terms 1 --epochs 1 --train-size 96  # tests
 
 1. Trains a tiny CIFAR ResNet-20 on synthetic 16x16 images on the CPU (deterministic,
    one thread, a checkpoint every 2 steps, EMA on, PCA lighting noise drawn from the
