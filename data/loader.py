@@ -14,6 +14,7 @@ exactly once (ranks may differ by one sample: reduce sums after the loop, do not
 assume equal batch counts inside it).
 """
 import atexit
+import ctypes
 import math
 import multiprocessing
 import random
@@ -95,6 +96,10 @@ def seed_worker(worker_id):
     RNGs from its torch seed (base seed + worker id)."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    try:  # die with the trainer (killed: SIGKILL, OOM) instead of printing broken-pipe tracebacks (Linux)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
