@@ -8,11 +8,20 @@
         for images, labels in loader:      # uint8 N x 3 x H x W, int64
             x = to_input(images.to(device, non_blocking=True))
 """
-from .build import build_dataset, build_device_transform
-from .errors import DataError
-from .loader import ShardSampler, TrainSampler, build_loader
-from .recipe import build_recipe
-from .schema import DATA_SCHEMA
+import importlib
+
+# Imported on first use: the config check reads data.schema alone, without torchvision (seconds of startup).
+_WHERE = {"build_dataset": "build", "build_device_transform": "build", "DataError": "errors",
+          "ShardSampler": "loader", "TrainSampler": "loader", "build_loader": "loader", "build_recipe": "recipe",
+          "DATA_SCHEMA": "schema"}
 
 __all__ = ["build_dataset", "build_loader", "build_device_transform", "build_recipe", "DataError", "DATA_SCHEMA",
            "TrainSampler", "ShardSampler"]
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -13,8 +13,12 @@ padding, so the ranks' counts sum to ``len(dataset)`` and each image is counted
 exactly once (ranks may differ by one sample: reduce sums after the loop, do not
 assume equal batch counts inside it).
 """
+import atexit
+import ctypes
 import math
+import multiprocessing
 import random
+import signal
 
 import numpy as np
 import torch
@@ -74,8 +78,28 @@ class ShardSampler(Sampler):
         return iter(range(self.rank, self.size, self.world_size))
 
 
+# A stop is decided by the training process: torchrun, SLURM and a terminal's Ctrl-C signal whole
+# process groups, and a loader worker that died of it would crash the trainer before it could save.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+@atexit.register  # runs before multiprocessing's own exit hook, which would SIGTERM (ignored) and wait forever
+def _end_loader_workers():
+    """At exit with loader iterators still alive (an uncaught error), end their workers: they hold nothing to save."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+
+
 def seed_worker(worker_id):
-    """Seed python's and numpy's RNGs in a worker from its torch seed (base seed + worker id)."""
+    """Ignore stop signals in a loader worker (the trainer stops it), and seed python's and numpy's
+    RNGs from its torch seed (base seed + worker id)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    try:  # die with the trainer (killed: SIGKILL, OOM) instead of printing broken-pipe tracebacks (Linux)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
@@ -99,7 +123,7 @@ def build_loader(dataset, data_cfg, split, batch_size, distributed=False, seed=0
     if distributed:
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("build_loader(distributed=True) needs torch.distributed initialised first "
-                              "(launch with torchrun / train.sh)")
+                              "(launch with train.sh or torchrun)")
         rank, world = dist.get_rank(), dist.get_world_size()
     train = split == "train"
     if train:

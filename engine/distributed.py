@@ -1,6 +1,6 @@
-"""Process-group setup from torchrun or SLURM variables, and small collective helpers.
+"""Process-group setup from launcher (tools/launch.py, torchrun) or SLURM variables, and collective helpers.
 
-torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``;
+tools/launch.py and torchrun set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``;
 under ``srun`` without torchrun, ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``
 are used and ``MASTER_ADDR`` defaults to the first host of ``SLURM_NODELIST``.
 A single process with neither set runs without a process group. The backend is
@@ -16,6 +16,10 @@ import torch
 import torch.distributed as dist
 
 from engine.fields import ConfigError
+
+
+class PeerLost(RuntimeError):
+    """Another process of the run died or never joined (exit 76): nothing this process can save."""
 
 
 @dataclass
@@ -76,6 +80,35 @@ def read_env():
     return 0, 1, 0
 
 
+def rendezvous(rank, world, timeout_s):
+    """The TCP store at MASTER_ADDR:MASTER_PORT once all ``world`` processes joined, else :class:`PeerLost`."""
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    try:
+        return dist.TCPStore(addr, port, world, is_master=rank == 0, wait_for_workers=True,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, TimeoutError) as e:
+        raise PeerLost(f"not all {world} processes joined at {addr}:{port} within dist.rdzv_timeout_s={timeout_s} "
+                       f"({str(e).splitlines()[0][:120]}); start the same command on every node (same NNODES, "
+                       "MASTER_ADDR, MASTER_PORT; NODE_RANK 0..NNODES-1) or raise dist.rdzv_timeout_s") from None
+
+
+# messages of gloo/NCCL/store errors caused by a process that died (not by this one)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted", "Socket Timeout")
+
+
+def as_peer_lost(exc):
+    """A :class:`PeerLost` when ``exc`` (raised in a multi-process run) came from another process's death."""
+    if isinstance(exc, PeerLost):
+        return exc
+    if (_env_int("WORLD_SIZE") or 1) < 2:
+        return None
+    if isinstance(exc, getattr(dist, "DistError", ())) or any(m in str(exc) for m in _PEER_GONE):
+        return PeerLost(f"lost contact with another process of the run ({str(exc).splitlines()[0][:120]}); see "
+                        "its output for why; run the same command to resume from the last checkpoint")
+    return None
+
+
 def pick_device(runtime_device, local_rank):
     if runtime_device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu")
@@ -96,8 +129,12 @@ def init_distributed(dist_cfg, runtime_device="auto"):
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
     if world > 1 and not dist.is_initialized():
-        kwargs = dict(backend=backend, init_method="env://", rank=rank, world_size=world,
+        kwargs = dict(backend=backend, rank=rank, world_size=world,
                       timeout=datetime.timedelta(minutes=dist_cfg["timeout_min"]))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun hosts the store
+            kwargs["init_method"] = "env://"
+        else:
+            kwargs["store"] = rendezvous(rank, world, dist_cfg.get("rdzv_timeout_s", 300))
         if device.type == "cuda":
             kwargs["device_id"] = device
         try:
@@ -106,6 +143,13 @@ def init_distributed(dist_cfg, runtime_device="auto"):
             kwargs.pop("device_id", None)
             dist.init_process_group(**kwargs)
     return DistInfo(rank, world, local, device, backend if world > 1 else "")
+
+
+def launch_rank():
+    """This process's rank as its launcher set it, also before (or without) a process group."""
+    if is_dist():
+        return dist.get_rank()
+    return _env_int("RANK", "SLURM_PROCID") or 0
 
 
 def is_dist():
@@ -165,4 +209,7 @@ def broadcast_buffers(module, src=0):
 
 def destroy():
     if is_dist():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:  # a peer died: there is nothing left to tear down cleanly, and the reason is known
+            pass

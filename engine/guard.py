@@ -11,8 +11,10 @@ code  name                meaning
 3     EXIT_NONFINITE      loss was nan/inf for more than ``train.max_nonfinite`` steps in a row,
                           or the validation loss was nan/inf (that epoch is not saved)
 74    EXIT_IO             a checkpoint could not be written (disk full, permissions); EX_IOERR
-75    EXIT_PREEMPTED      SIGTERM/SIGUSR1 received: a checkpoint of the current step was saved;
+75    EXIT_PREEMPTED      SIGTERM/SIGUSR1/SIGINT received: a checkpoint of the current step was saved;
                           run the same command again to resume (EX_TEMPFAIL: "try again")
+76    EXIT_PEER_LOST      another process of the run died (killed, out of memory) or never joined;
+                          nothing was saved after the last checkpoint: run the same command to resume
 ====  ==================  ====================================================================
 
 Usage in a training loop::
@@ -31,6 +33,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -43,6 +46,7 @@ EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_IO = 74
 EXIT_PREEMPTED = 75
+EXIT_PEER_LOST = 76
 
 
 def _dist_active():
@@ -56,21 +60,26 @@ def _reduce_device():
 
 
 class PreemptionGuard:
-    """Turn SIGTERM / SIGUSR1 (cluster preemption, ``scancel``, SLURM ``--signal``) into a flag.
+    """Turn SIGTERM / SIGUSR1 / SIGINT (cluster preemption, ``scancel``, SLURM ``--signal``, Ctrl-C) into a flag.
 
     The handlers only set a flag; the loop polls :meth:`should_stop` once per step,
     saves a checkpoint of the current step and exits with :data:`EXIT_PREEMPTED`.
-    A second signal of the same kind while the flag is set restores the default
-    action and re-raises it (kill now: the atomic save keeps earlier checkpoints
-    intact). Handlers are restored on :meth:`uninstall` / leaving the ``with``.
-    Outside the main thread (where Python cannot install handlers) the guard
-    is inert and says so.
+    Once stopping, a SIGINT (Ctrl-C again) arriving more than ``repeat_after``
+    seconds after the first signal restores the default action and re-raises it
+    (stop now: the atomic save keeps earlier checkpoints intact). Repeated
+    SIGTERM/SIGUSR1 are ignored: SLURM and torchrun signal every process *and*
+    the launcher forwards it, at moments a loaded machine can set seconds apart,
+    and both follow up with SIGKILL themselves. Handlers are restored on
+    :meth:`uninstall` / leaving the ``with``. Outside the main thread (where
+    Python cannot install handlers) the guard is inert and says so.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1), check_every=1):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT), check_every=1, repeat_after=1.0):
         self.signals = tuple(s for s in signals if s is not None)
         self.check_every = max(1, int(check_every))
+        self.repeat_after = repeat_after
         self.signum = None
+        self._first = None
         self._previous = {}
         self._calls = 0
         self._stop = False
@@ -81,14 +90,17 @@ class PreemptionGuard:
         return self.signum is not None
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == self.signum:
-            log.warning('second %s: stopping immediately', signal.Signals(signum).name)
+        now = time.monotonic()
+        if self.signum is not None:
+            if signum != signal.SIGINT or now - self._first < self.repeat_after:
+                return
+            log.warning('second stop signal (SIGINT): stopping immediately')
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
-        log.warning('received %s: will save a checkpoint at the end of this step and exit with code %d',
-                    signal.Signals(signum).name, EXIT_PREEMPTED)
+        self.signum, self._first = signum, now
+        log.warning('received %s: stopping at the end of this step (Ctrl-C again stops at once)',
+                    signal.Signals(signum).name)
 
     def install(self):
         if threading.current_thread() is not threading.main_thread():

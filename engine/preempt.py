@@ -1,7 +1,7 @@
 """Preemption across ranks without a blocking collective on the hot path.
 
-Signals (SIGTERM/SIGUSR1) are caught by :class:`engine.guard.PreemptionGuard`,
-which only sets a flag (a second signal kills at once). Every optimizer step,
+Signals (SIGTERM/SIGUSR1/SIGINT) are caught by :class:`engine.guard.PreemptionGuard`,
+which only sets a flag (Ctrl-C again kills at once). Every optimizer step,
 :meth:`StopAgreement.poll` starts an asynchronous MAX all-reduce of the local
 flag on a CPU (gloo) group and waits for the previous one, so all ranks see the
 same decision at the same step with neither a device sync nor a blocking

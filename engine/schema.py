@@ -112,7 +112,7 @@ RUNTIME_SCHEMA = {
     "auto_resume": Field(True, "resume from the work directory's latest checkpoint when there is one"),
     "resume_from": Field(None, "resume from this checkpoint path instead (full training state)",
                          type=str, nullable=True),
-    "handle_signals": Field(True, "on SIGTERM/SIGUSR1 save at the current step and exit with code 75"),
+    "handle_signals": Field(True, "on SIGTERM/SIGUSR1/SIGINT save at the current step and exit with code 75"),
     "max_steps": Field(0, "stop after this many optimizer steps in total, without saving (0: no limit; "
                        "smoke tests and benchmarks)",
                        check=_at_least(0)),
@@ -122,6 +122,8 @@ DIST_SCHEMA = {
     "backend": Field("auto", "process group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo",
                      choices=("auto", "nccl", "gloo")),
     "timeout_min": Field(30, "collective timeout in minutes", check=_at_least(1)),
+    "rdzv_timeout_s": Field(300, "seconds to wait for every process (all nodes) to join before exiting 76",
+                            check=_at_least(1)),
     "find_unused_parameters": Field(False, "DDP find_unused_parameters (only for models that need it)"),
 }
 

@@ -27,6 +27,7 @@ from engine.ema import ModelEMA
 from engine.evaluator import autocast_for, evaluate
 from engine.fields import ConfigError
 from engine.guard import NonFiniteError, NonFiniteGuard
+from engine.lock import WorkDirBusy, WorkDirLock
 from engine.logger import RunLogger, setup_console
 from engine.meters import SumMeter, Throughput, format_eta
 from engine.optim import IterScheduler, build_optimizer
@@ -109,21 +110,31 @@ class Trainer:
         self.stop = StopAgreement()
         self.ckpt = CheckpointManager(self.work_dir, keep_last=rt.keep_last)
         self.nonfinite = None if tr.max_nonfinite is None else NonFiniteGuard(tr.max_nonfinite, self.ckpt)
+        self.lock = WorkDirLock(self.work_dir)
+        resumed = self.ckpt.read_pointer()
         resume(self)
 
-        # only now write into the work directory (rank 0; the others learn whether it worked)
+        # only now write into the work directory: rank 0 locks it first (the others learn whether it worked)
         err = None
         if self.dist.is_main:
             try:
                 check_writable(self.work_dir, files=("config.yaml", "log.txt", "metrics.jsonl"),
                                dirs=("checkpoints",) + (("tb",) if rt.tensorboard else ()))
+                self.lock.acquire()
+                if self.ckpt.read_pointer() != resumed:
+                    raise WorkDirBusy(f"work_dir {self.work_dir} got a new checkpoint while this run was starting "
+                                      "(another run just stopped?); run the same command again to resume from it")
                 dump(cfg, os.path.join(self.work_dir, "config.yaml"))
                 setup_console(0, os.path.join(self.work_dir, "log.txt"))
+            except WorkDirBusy as e:
+                err = ("busy", str(e))
             except (CheckpointError, OSError) as e:
-                err = str(e)
+                err = ("io", str(e))
+            if err is not None:
+                self.lock.release()
         err = self.stop.broadcast(err)
         if err is not None:
-            raise CheckpointError(err)
+            raise (WorkDirBusy if err[0] == "busy" else CheckpointError)(err[1])
         self.runlog = RunLogger(self.work_dir, self.dist.is_main, rt.tensorboard)
         self.log.info("config:\n%s", dump(cfg).rstrip())
         self.log.info("world size %d (%s), device %s, per-process batch %d x %d accumulation, %d steps/epoch",
@@ -182,6 +193,7 @@ class Trainer:
         finally:
             self.stop.close()
             self.runlog.close()
+            self.lock.release()
         self._summary(status, metrics)
         return {"status": status, "metrics": metrics, "best_metric": self.best_metric,
                 "epoch": self.epoch, "step": self.step, "checkpoint": self.ckpt.last_saved}

@@ -1,7 +1,9 @@
-"""The launcher: ./train.sh with torchrun and 2 CPU processes (gloo), preempted by SIGTERM, then resumed."""
+"""The launchers (train.sh -> tools/launch.py): 2 CPU processes (gloo), stops, refusals, rendezvous, startup."""
 import os
 import signal
 import subprocess
+import sys
+import time
 
 import torch
 
@@ -26,7 +28,7 @@ runtime: {{device: cpu, work_dir: {work}, log_interval: 1, tensorboard: false}}
     for line in p.stdout:
         lines.append(line)
         if "[3/60]" in line:
-            p.send_signal(signal.SIGTERM)  # to train.sh, which hands it to torchrun, which hands it to both ranks
+            p.send_signal(signal.SIGTERM)  # to train.sh (the launcher), which hands it to both ranks
             break
     out = "".join(lines) + p.stdout.read()
     assert p.wait(timeout=180) == 75, out
@@ -43,3 +45,131 @@ runtime: {{device: cpu, work_dir: {work}, log_interval: 1, tensorboard: false}}
     assert "val epoch 2" in r.stdout and "(9 images" in r.stdout
     final = torch.load(work / "checkpoints" / "epoch_002.pth", weights_only=True)
     assert final["step"] == 120 and final["epoch"] == 2
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "NNODES", "NODE_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _tiny(tmp_path, workers=2, train_size=480):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+model: {{backbone: cifar_resnet20, num_classes: 4}}
+data: {{dataset: synthetic, input_size: 8, workers: {workers}, synthetic: {{train_size: {train_size}, val_size: 9}}}}
+train: {{epochs: 1, batch_size: 8, lr: 0.05}}
+runtime: {{device: cpu, work_dir: {tmp_path / 'run'}, log_interval: 1, tensorboard: false}}
+""")
+    return cfg
+
+
+def test_ctrl_c_with_data_workers_saves_and_exits_75_in_one_line(tmp_path):
+    """Issue 10 items 1-2: SIGINT to the whole foreground process group (Ctrl-C), data.workers=2."""
+    cfg = _tiny(tmp_path)
+    p = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if "[3/60]" in line:
+            os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the script, the trainer and its loader workers
+            break
+    out = "".join(lines) + p.stdout.read()
+    assert p.wait(timeout=120) == 75, out
+    assert "Traceback" not in out and "stopped by SIGINT" in out, out
+    assert any(n.startswith("step_") for n in os.listdir(tmp_path / "run" / "checkpoints")), out
+
+
+def test_bad_override_with_two_processes_is_refused_once(tmp_path):
+    """Issue 10 item 9: one error line, exit 2, no launcher wall, nothing written (a batch that 2 processes
+    cannot split is found only once the processes know the world size)."""
+    cfg = _tiny(tmp_path, workers=0)
+    p = subprocess.run([os.path.join(ROOT, "train.sh"), str(cfg), "2", "train.batch_size=9"], cwd=tmp_path,
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert len(p.stderr.splitlines()) == 1 and p.stdout == "", p.stdout + p.stderr
+    assert "error: train.batch_size=9 is not divisible by world_size x accum_steps = 2 x 1" in p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_node_that_never_comes_fails_early_with_a_clear_message(tmp_path):
+    """Issue 10 item 9: NNODES=2 but the second node never starts: exit 76 after dist.rdzv_timeout_s."""
+    cfg = _tiny(tmp_path, workers=0)
+    env = {**_env(), "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29641"}
+    p = subprocess.run([os.path.join(ROOT, "train.sh"), str(cfg), "1", "dist.rdzv_timeout_s=3"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 76, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+    assert "not all 2 processes joined at 127.0.0.1:29641 within dist.rdzv_timeout_s=3" in p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_fault_inject_on_the_real_path(tmp_path):
+    """SIGTERM to every process group (SLURM) and SIGKILL of a rank, through ./train.sh with 2 processes and
+    2 data workers: exit 75 with the step saved, exit 76 with the previous checkpoint intact; resumed bit-identical."""
+    p = subprocess.run([sys.executable, "-m", "tools.fault_inject", "--real", "--strikes", "group-term,kill-rank",
+                        "--epochs", "1", "--work-dir", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "as SLURM at step" in out and "exit 75 (want 75)" in out and "exit 76 (want 76)" in out
+    assert "bit-identical to the uninterrupted ./train.sh run: yes" in out
+
+
+def test_startup_imports_only_what_it_needs():
+    """Issue 10 item 10: the launcher imports no torch, reading a config imports no torchvision."""
+    code = ("import sys; import tools.launch; assert 'torch' not in sys.modules, 'launcher imports torch'; "
+            "from engine.config import load_config; load_config('configs/default.yaml'); "
+            "assert 'torchvision' not in sys.modules, 'config check imports torchvision'")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def _catches(pid, sig):
+    """True once process ``pid`` runs tools.train with a handler for ``sig`` (from /proc)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if b"tools.train" not in f.read():
+            return False
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught >> (sig - 1) & 1)
+
+
+def test_sigterm_during_setup_stops_in_one_line(tmp_path):
+    """Issue 10 item 1: a stop signal before the first step (while the model and data are built) is a clean stop."""
+    cfg = _tiny(tmp_path)
+    p = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _catches(p.pid, signal.SIGTERM):  # until train.sh became tools.train and it installed its handler
+        assert time.monotonic() < deadline and p.poll() is None, "train.sh did not become tools.train"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)  # while tools.train imports torch and builds the run: before any step
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 75, out + err
+    assert err.strip() == "stopped by SIGTERM before training started; nothing new to save", out + err
+
+
+def test_launcher_ends_the_run_when_a_process_is_killed(capsys):
+    """tools/launch.py alone (no torch): rank 1 dies of SIGKILL, rank 0 would run on: killed after the grace."""
+    from tools.launch import Launch, visible_gpus
+    script = ("import os, signal, time\n"
+              "if os.environ['RANK'] == '1': os.kill(os.getpid(), signal.SIGKILL)\n"
+              "time.sleep(60)")
+    run = Launch([sys.executable, "-c", script], nproc=2, grace=0.5)
+    run.start()
+    begin = time.monotonic()
+    assert run.wait() == 76
+    assert time.monotonic() - begin < 20
+    err = capsys.readouterr().err
+    assert err.startswith("error: the process of rank 1 (pid ") and "killed by SIGKILL" in err
+    assert len(err.splitlines()) == 1
+    os.environ["CUDA_VISIBLE_DEVICES"], before = "0,1,3", os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        assert visible_gpus() == 3
+    finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES")
+        if before is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before

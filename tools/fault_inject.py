@@ -1,7 +1,7 @@
 """Kill a small training run again and again, resume it each time, and check nothing was lost.
 
     python -m tools.fault_inject                       # 20 SIGKILLs (6 in checkpoint writes, 2 in setup) + 2 SIGTERMs
-    python -m tools.fault_inject --kills 3 --save-kills 1 --terms 1 --epochs 1 --train-size 48  # tests
+    python -m tools.fault_inject --kills 3 --save-kills 1 --terms 1 --epochs 1 --train-size 96  # tests
 
 1. Trains a tiny CIFAR ResNet-20 on synthetic 16x16 images on the CPU (deterministic,
    one thread, a checkpoint every 2 steps, EMA on, PCA lighting noise drawn from the
@@ -21,6 +21,18 @@
 Runs are forked from this process after the imports, so a restart costs no
 import time. Prints kills survived, corrupt checkpoints (goal 0) and whether the
 final weights are bit-identical; exits 0 only when all of that holds.
+
+``--real`` strikes the path users run instead: ``./train.sh CONFIG 2`` (two
+processes through tools/launch.py, gloo) with ``data.workers=2``, stopped in turn
+by SIGTERM to the script, SIGTERM to every process group of the job (as SLURM
+does), SIGINT to the script's process group (as a terminal's Ctrl-C does) and
+SIGKILL of rank 1; each start is resumed by the same command. For each strike
+it reports the exit code (75, 75, 75, 76), the checkpoint left (the stop step's,
+or the previous one intact after a kill), and at the end whether the final
+state is bit-identical to an uninterrupted ``./train.sh`` run (run alongside).
+
+    python -m tools.fault_inject --real                     # the four strikes
+    python -m tools.fault_inject --real --strikes group-term,kill-rank --epochs 1   # tests
 """
 import os
 
@@ -32,6 +44,7 @@ import random  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -41,13 +54,14 @@ import torch  # noqa: E402
 from engine.checkpoint import FAULT_SLEEP_ENV, CheckpointError, load_checkpoint  # noqa: E402
 from engine.checkpoint_manager import CheckpointManager  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP_DONE = 'world size'  # the trainer logs this line once built and resumed, before the first step
 CONFIG = """# written by tools/fault_inject.py
 model: {{backbone: cifar_resnet20, num_classes: 4}}
 data:
   dataset: synthetic
   input_size: 16
-  workers: 0
+  workers: {workers}
   synthetic: {{train_size: {train_size}, val_size: 16, num_classes: 4}}
   augment: {{lighting: 0.1}}   # drawn from the global torch RNG on the device: resume must restore it
 train: {{epochs: {epochs}, batch_size: 8, lr: 0.05, schedule: cosine, warmup_epochs: 0.5, weight_decay: 0.0005,
@@ -199,6 +213,150 @@ def final_state(work_dir):
     return state, path
 
 
+# ----------------------------------------------------------------------------- the real path: ./train.sh
+
+STRIKES = {  # name: (what it does, the exit code it must give)
+    'script-term': ('SIGTERM to train.sh', 75),
+    'group-term': ('SIGTERM to every process group of the job, as SLURM', 75),
+    'group-int': ("SIGINT to train.sh's process group, as a terminal's Ctrl-C", 75),
+    'kill-rank': ('SIGKILL of rank 1', 76),
+}
+
+
+def process_tree(pid):
+    """``pid`` and all its descendants (from /proc)."""
+    parents = {int(n): _parent(int(n)) for n in os.listdir('/proc') if n.isdigit()}
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += [c for c, pp in parents.items() if pp == p]
+    return tree
+
+
+def _environ(pid):
+    try:
+        with open(f'/proc/{pid}/environ', 'rb') as f:
+            return f.read().split(b'\0')
+    except OSError:
+        return []
+
+
+def _parent(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def rank_pid(launcher, rank):
+    """The trainer process of ``rank`` under ``launcher`` (not its data loader workers, which share its RANK)."""
+    mark = f'RANK={rank}'.encode()
+    for p in process_tree(launcher):
+        if mark in _environ(p) and mark not in _environ(_parent(p)):
+            return p
+    return None
+
+
+def strike(kind, pid):
+    if kind == 'script-term':
+        os.kill(pid, signal.SIGTERM)
+    elif kind == 'group-term':
+        for group in {os.getpgid(p) for p in process_tree(pid) if _exists(p)}:
+            os.killpg(group, signal.SIGTERM)
+    elif kind == 'group-int':
+        os.killpg(pid, signal.SIGINT)  # started in its own session: its group is the terminal's foreground group
+    elif kind == 'kill-rank':
+        os.kill(rank_pid(pid, 1), signal.SIGKILL)
+
+
+def _exists(pid):
+    try:
+        os.getpgid(pid)
+        return True
+    except OSError:
+        return False
+
+
+def train_sh(config, work_dir, log_path):
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')}
+    env['PYTHONPATH'] = REPO
+    with open(log_path, 'w') as log:
+        return subprocess.Popen([os.path.join(REPO, 'train.sh'), config, '2', f'runtime.work_dir={work_dir}'],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def prepare(args, workers):
+    """(root directory, config path): the runs' directory with logs/ and the config written."""
+    root = args.work_dir or tempfile.mkdtemp(prefix='blocklab_fault_')
+    os.makedirs(os.path.join(root, 'logs'), exist_ok=True)
+    config = os.path.join(root, 'fault.yaml')
+    with open(config, 'w') as f:
+        f.write(CONFIG.format(epochs=args.epochs, train_size=args.train_size, workers=workers))
+    return root, config
+
+
+def main_real(args):
+    kinds = [k for k in args.strikes.split(',') if k]
+    unknown = [k for k in kinds if k not in STRIKES]
+    if unknown:
+        print(f'error: unknown strike {unknown[0]!r}; choose from {", ".join(STRIKES)}', file=sys.stderr)
+        return 2
+    root, config = prepare(args, workers=2)
+    t0 = time.time()
+    ref_dir, run_dir = os.path.join(root, 'reference'), os.path.join(root, 'faulty')
+    ref = train_sh(config, ref_dir, os.path.join(root, 'logs', 'reference.log'))  # runs alongside the strikes
+    rng = random.Random(args.seed)
+    total = args.epochs * (args.train_size // 8)
+    targets = sorted(rng.randint(2, max(total - 2, 2)) for _ in kinds)
+    results, ok = [], True
+    for i, (kind, target) in enumerate(zip(kinds, targets)):
+        log = os.path.join(root, 'logs', f'strike_{i}_{kind}.log')
+        before = CheckpointManager(run_dir).read_pointer()
+        p = train_sh(config, run_dir, log)
+        while p.poll() is None and logged_step(log) < target:
+            time.sleep(0.01)
+        step = logged_step(log)
+        if p.poll() is None:
+            strike(kind, p.pid)
+        rc = p.wait(timeout=300)
+        checked, problems = scan(run_dir)
+        latest = CheckpointManager(run_dir).read_pointer()
+        want = STRIKES[kind][1]
+        if want == 75:  # a checkpoint of the step it stopped at
+            saved = latest is not None and latest != before and os.path.basename(latest).startswith('step_')
+        else:  # nothing new after the kill; the previous checkpoint intact (scan loads it)
+            saved = latest is not None or before is None
+        with open(log, errors='replace') as f:
+            text = f.read()
+        clean = 'Traceback' not in text
+        error = '' if clean else next((line for line in reversed(text.splitlines()) if 'Error' in line), '?')
+        good = rc == want and saved and not problems and clean
+        ok &= good
+        results.append(dict(strike=kind, at_step=step, exit=rc, expected=want, checkpoint=latest,
+                            corrupt=problems, traceback=not clean))
+        print(f'{STRIKES[kind][0]} at step {step}: exit {rc} (want {want}); checkpoint '
+              f'{os.path.basename(latest) if latest else "none"}{"" if saved else " (WRONG)"}; {checked} readable, '
+              f'{len(problems)} corrupt; {"no traceback" if clean else f"TRACEBACK in {log}: {error[:160]}"}',
+              flush=True)
+    rc = train_sh(config, run_dir, os.path.join(root, 'logs', 'finish.log')).wait(timeout=600)
+    ref_rc = ref.wait(timeout=600)
+    if rc != 0 or ref_rc != 0:
+        print(f'error: the final start exited {rc}, the reference {ref_rc}; see {root}/logs', file=sys.stderr)
+        return 1
+    diff = compare(final_state(ref_dir)[0], final_state(run_dir)[0])
+    print(f'resumed result bit-identical to the uninterrupted ./train.sh run: {"yes" if not diff else "NO"}'
+          f'{"" if not diff else " (differ: " + ", ".join(diff[:8]) + ")"}')
+    print(f'time: {time.time() - t0:.1f}s' + (f'; runs in {root}' if args.work_dir else ''))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'strikes': results, 'identical': not diff, 'differing': diff[:20]}, f, indent=1)
+    if not args.work_dir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0 if ok and not diff else 1
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -215,18 +373,19 @@ def parse_args(argv=None):
     p.add_argument('--sleep-in-save', type=float, default=0.3, help='seconds save_checkpoint waits before renaming')
     p.add_argument('--work-dir', help='keep the runs here (default: a temporary directory, removed afterwards)')
     p.add_argument('--json', help='also write the summary as JSON to this file')
+    p.add_argument('--real', action='store_true', help='strike ./train.sh with 2 processes and 2 data workers')
+    p.add_argument('--strikes', default=','.join(STRIKES), help=f'with --real: which, in order (default all: '
+                   f'{",".join(STRIKES)})')
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.real:
+        return main_real(args)
     save_kills = args.kills // 3 if args.save_kills is None else min(args.save_kills, args.kills)
     rng = random.Random(args.seed)
-    root = args.work_dir or tempfile.mkdtemp(prefix='blocklab_fault_')
-    os.makedirs(os.path.join(root, 'logs'), exist_ok=True)
-    config = os.path.join(root, 'fault.yaml')
-    with open(config, 'w') as f:
-        f.write(CONFIG.format(epochs=args.epochs, train_size=args.train_size))
+    root, config = prepare(args, workers=0)
     import data, engine.trainer, models, tools.train  # noqa: F401,E401 - import once, fork many times
     t0 = time.time()
 

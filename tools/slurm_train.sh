@@ -9,7 +9,9 @@
 # when training was preempted (exit 75: SIGTERM, or SIGUSR1 which srun's
 # --signal sends 120 s before the time limit), requeues the job with
 # `scontrol requeue`; the requeued job resumes from the work directory's latest
-# checkpoint, mid-epoch, with the same remaining batches. Each task reads its
+# checkpoint, mid-epoch, with the same remaining batches. Other codes are not
+# requeued: 76 means a task died (srun --kill-on-bad-exit ends the others) or a
+# node never joined (dist.rdzv_timeout_s), 2 a refused config. Each task reads its
 # rank from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (engine/distributed.py);
 # MASTER_ADDR is the first node of the step and MASTER_PORT is derived from the job id.
 set -u

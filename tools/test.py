@@ -96,7 +96,7 @@ def run(argv=None):
         start = time.time()
         metrics, path, size, report = evaluate_checkpoint(cfg, args.checkpoint, args.ema)
     except (ConfigError, CheckpointError, WeightsMismatchError) as e:
-        if du.get_rank() == 0:
+        if du.launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         du.destroy()
         return EXIT_USAGE
@@ -120,8 +120,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    from tools.train import report_exit
-    sys.exit(report_exit(run(argv)))
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
 """Train a model from a config:  python -m tools.train [CONFIG] [key=value ...]
 
-Usually started through ``./train.sh`` (torchrun) or ``tools/slurm_train.sh`` (srun).
+Usually started through ``./train.sh`` (tools/launch.py) or ``tools/slurm_train.sh`` (srun).
 The work directory defaults to ``work_dirs/<config file name>``; starting the
 same command again resumes from its latest checkpoint.
 
 Exit codes (engine/guard.py): 0 finished; 1 unexpected error (traceback);
-2 refused config/override/checkpoint/dataset (one-line message, nothing
-written); 3 loss stayed nan/inf; 74 a checkpoint could not be written;
-75 stopped by SIGTERM/SIGUSR1 after saving: run the same command to continue.
+2 refused config/override/checkpoint/dataset or a work directory in use
+(one-line message, nothing written); 3 loss stayed nan/inf; 74 a checkpoint
+could not be written; 75 stopped by SIGTERM/SIGUSR1/SIGINT after saving: run
+the same command to continue; 76 another process of the run died or never joined.
 """
 import argparse
 import os
+import signal
 import sys
 
 DEFAULT_CONFIG = "configs/default.yaml"
-EXIT_FILE_ENV = "BLOCKLAB_EXIT_FILE"
 
 
 def parse_args(argv=None):
@@ -34,25 +35,34 @@ def default_work_dir(config_path):
     return os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
 
 
-def report_exit(code):
-    """Tell a wrapper script (train.sh) our exit code: torchrun does not pass it through."""
-    path = os.environ.get(EXIT_FILE_ENV)
-    if path and os.environ.get("RANK", "0") == "0":
-        try:
-            with open(path, "w") as f:
-                f.write(f"{code}\n")
-        except OSError:
-            pass
-    return code
+def _stop_during_setup(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def run(argv=None):
+    # until the trainer's guard takes over, a stop signal ends the run in one line
+    previous = {s: signal.signal(s, _stop_during_setup) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return _run(argv)
+    except KeyboardInterrupt as e:  # nothing new to save
+        if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
+            print(f"stopped by {e.args[0] if e.args else 'SIGINT'} before training started; nothing new to save",
+                  file=sys.stderr)
+        return 75  # engine.guard.EXIT_PREEMPTED (maybe not imported yet)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run(argv):
     from engine import distributed as du
     from engine.checkpoint import CheckpointError
     from engine.config import load_config
     from engine.fields import ConfigError
-    from engine.guard import EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, NonFiniteError
+    from engine.guard import (EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE,
+                              NonFiniteError)
     args = parse_args(argv)
+    code, err = EXIT_OK, None
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.runtime.work_dir is None:
@@ -60,25 +70,31 @@ def run(argv=None):
         if args.check:
             return EXIT_OK
         from engine.trainer import Trainer
-        trainer = Trainer(cfg)
-        result = trainer.train()
+        result = Trainer(cfg).train()
+        code = EXIT_PREEMPTED if result["status"] == "preempted" else EXIT_OK
     except ConfigError as e:
-        if du.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code, err = EXIT_USAGE, f"error: {e}"
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_IO
+        code, err = EXIT_IO, f"error: {e}"
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
+        code, err = EXIT_NONFINITE, f"error: {e}"
+    except RuntimeError as e:  # a dead process of the run: one line (the launcher names the process), else a bug
+        lost = du.as_peer_lost(e)
+        if lost is None:
+            raise
+        code, err = EXIT_PEER_LOST, f"error: {lost}"
+        if os.environ.get("BLOCKLAB_LAUNCHER") and "lost contact" in err:
+            err = None
     finally:
+        rank0 = du.launch_rank() == 0
         du.destroy()
-    return EXIT_PREEMPTED if result["status"] == "preempted" else EXIT_OK
+    if err and rank0:  # every rank refuses alike: say it once
+        print(err, file=sys.stderr)
+    return code
 
 
 def main(argv=None):
-    sys.exit(report_exit(run(argv)))
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":
