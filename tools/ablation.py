@@ -142,9 +142,8 @@ def markdown(agg, command, wall, seeds, val_images, train_s):
 
 
 def plot(agg, runs_by_variant, out, val_images):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.figures import pyplot, save
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, a in enumerate(agg):
         ax.errorbar([i], [a["best_mean"]], yerr=[a["best_std"]], fmt="o", capsize=5, color=f"C{i}")
@@ -153,9 +152,7 @@ def plot(agg, runs_by_variant, out, val_images):
     ax.set(ylabel="best validation top-1 (%)",
            title=f"best top-1: mean ± std over seeds (dots: seeds; one image = {100 / val_images:.2f} points)")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "top1.png"), dpi=110)
-    plt.close(fig)
+    save(fig, os.path.join(out, "top1.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, (variant, runs) in enumerate(runs_by_variant.items()):
@@ -170,9 +167,7 @@ def plot(agg, runs_by_variant, out, val_images):
     ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="validation top-1, mean ± std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
-    plt.close(fig)
+    save(fig, os.path.join(out, "curves.png"))
 
 
 def main(argv=None):

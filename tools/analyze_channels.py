@@ -164,10 +164,10 @@ def describe_block(b):
 
 
 def plot(reports, out_dir, threshold):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    from tools.figures import pyplot, save
+    plt = pyplot()
     stages = sorted({r["stage"] for rep in reports.values() for r in rep["layers"]})
     cols = min(len(stages), 4)
     rows = (len(stages) + cols - 1) // cols
@@ -185,9 +185,7 @@ def plot(reports, out_dir, threshold):
     for ax in list(axes.flat)[len(stages):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "cdf_stages.png"), dpi=110)
-    plt.close(fig)
+    save(fig, os.path.join(out_dir, "cdf_stages.png"))
 
     fig, ax = plt.subplots(figsize=(10, 3.8))
     for name, rep in reports.items():
@@ -197,9 +195,7 @@ def plot(reports, out_dir, threshold):
            title=f"inhibited channels along the depth (magnitude < {threshold:g} x layer mean)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "inhibited_depth.png"), dpi=110)
-    plt.close(fig)
+    save(fig, os.path.join(out_dir, "inhibited_depth.png"))
 
 
 def main(argv=None):

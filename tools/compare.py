@@ -186,9 +186,8 @@ def write_csv(rows, path):
 
 def plot_curves(runs, names, path):
     """Training loss and validation top-1 against epoch, every run on the same two panels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.figures import pyplot, save
+    plt = pyplot()
     fig, (ax_loss, ax_top1) = plt.subplots(1, 2, figsize=(11, 4.2))
     for run, name in zip(runs, names):
         spe = run.steps_per_epoch
@@ -201,16 +200,13 @@ def plot_curves(runs, names, path):
     for ax in (ax_loss, ax_top1):
         ax.grid(alpha=0.3)
     ax_top1.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_tradeoffs(rows, path):
     """Best top-1 against GFLOPs (when counted) and against training images/s, one labelled point per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.figures import pyplot, save
+    plt = pyplot()
     panels = [(k, label, title) for k, label, title in (
         ("gflops", "GFLOPs (MACs) per image", "accuracy vs GFLOPs"),
         ("train_img_s", "training images/s", "accuracy vs training throughput")) if all(r[k] is not None for r in rows)]
@@ -223,9 +219,7 @@ def plot_tradeoffs(rows, path):
             ax.annotate(r["run"], (r[key], r["best_top1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set(xlabel=label, ylabel="best top-1 (%)", title=title)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return True
 
 
