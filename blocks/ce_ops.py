@@ -16,11 +16,31 @@ def newton_isqrt(sigma_n, iters):
     return p
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """SUM over the ranks of the default group, differentiable: every rank's loss depends on the sum,
+    so the gradient of each rank's input is the sum of the ranks' output gradients (as in SyncBatchNorm).
+    Built on the functional collectives, which torch.compile traces without a graph break (the
+    deprecated ``torch.distributed.nn.functional.all_reduce`` breaks the graph at every call)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return _reduce(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce(grad)
+
+
+def _reduce(t):
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", dist.group.WORLD))
+
+
 def all_reduce_sum(t):
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-        return all_reduce(t)
+        return _AllReduceSum.apply(t)
     return t
 
 

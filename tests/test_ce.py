@@ -423,7 +423,7 @@ def test_converter_maps_cenet_checkpoint(wrap):
 
 
 # ----------------------------------------------------------------------------- distributed statistics
-def _sync_worker(rank, world, init_file, x, go, state, result_file):
+def _sync_worker(rank, world, init_file, x, go, state, result_file, compiled=False):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -431,7 +431,9 @@ def _sync_worker(rank, world, init_file, x, go, state, result_file):
         m = CE(32, group_channels=16, sync_stats=True).double()
         m.load_state_dict(state)
         part = x.chunk(world)[rank].clone().requires_grad_()
-        out = m(part)
+        # fullgraph: any graph break (the deprecated differentiable all_reduce made 5 per call) is an error;
+        # aot_eager traces forward and backward, collectives included, without inductor's C++ build
+        out = (torch.compile(m, backend="aot_eager", fullgraph=True) if compiled else m)(part)
         (out * go.chunk(world)[rank]).sum().backward()
         torch.save({"out": out.detach(), "grad": part.grad, "wm": m.running_wm, "scale": m.ir.running_scale},
                    f"{result_file}.{rank}")
@@ -439,7 +441,8 @@ def _sync_worker(rank, world, init_file, x, go, state, result_file):
         dist.destroy_process_group()
 
 
-def test_sync_stats_matches_single_process_full_batch(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_sync_stats_matches_single_process_full_batch(tmp_path, compiled):
     import torch.multiprocessing as mp
     torch.manual_seed(0)
     ref = make(32, 16)
@@ -450,7 +453,7 @@ def test_sync_stats_matches_single_process_full_batch(tmp_path):
     out = ref(xr)
     (out * go).sum().backward()
     # fork: the workers need no fresh interpreter (spawn would re-import torch, several seconds)
-    ctx = mp.start_processes(_sync_worker, args=(2, str(tmp_path / "init"), x, go, state, str(tmp_path / "res")),
+    ctx = mp.start_processes(_sync_worker, args=(2, str(tmp_path / "init"), x, go, state, str(tmp_path / "res"), compiled),
                              nprocs=2, start_method="fork", join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
