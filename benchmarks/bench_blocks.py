@@ -81,6 +81,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--sections", default="abc", help="which of (a), (b), (c) to run, e.g. 'b'")
     ap.add_argument("--models", help="comma-separated subset of the (b) models (resnet50 always runs)")
+    ap.add_argument("--channels-last", action="store_true", help="(b) in channels_last (models and batch)")
     ap.add_argument("--out", help="write the tables here (markdown)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,18 +114,21 @@ def main(argv=None):
             ap.error("ce_resnet50_original needs --original PATH (a CENet checkout)")
         if orig_cls is not None and not args.models and "ce_resnet50" in names:
             names.insert(names.index("ce_resnet50") + 1, "ce_resnet50_original")
-        train = {}
+        train, layout = {}, torch.channels_last if args.channels_last else torch.contiguous_format
         for name in names:
             if name == "ce_resnet50_original":
                 model = with_original_ce(build_model(MODELS["ce_resnet50"]), orig_cls)
             else:
                 model = build_model(MODELS[name])
+            model.to(memory_format=layout)
             train[name] = train_step_fn(model, make_optimizer(model, args.batch), device, "fp32")
-        table_b = ratio_table(interleaved(train, x, y, args.rounds),
+        xb = x.contiguous(memory_format=layout)
+        table_b = ratio_table(interleaved(train, xb, y, args.rounds),
                               goals={"ce_resnet50": "<= 1.15x", "we_resnet50": "<= 1.10x"})
         print(table_b)
         sections.append(f"### (b) training step, ResNet-50 family, batch {args.batch} at "
-                        f"{args.input_size}x{args.input_size}\n\n" + table_b)
+                        f"{args.input_size}x{args.input_size}{', channels_last' if args.channels_last else ''}"
+                        "\n\n" + table_b)
         del train
     if "c" not in args.sections:
         return _write(args.out, sections)
