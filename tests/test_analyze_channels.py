@@ -100,13 +100,13 @@ def test_dead_and_inhibited_channels_are_counted():
     assert rows["layer1.1.bn1"]["dead"] == 0
 
 
-def _config(tmp_path, name, plugins):
+def _config(tmp_path, name, plugins, workers=0):
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         "model: {backbone: cifar_resnet20, num_classes: 4, plugins: %s}\n"
-        "data: {dataset: synthetic, input_size: 16, workers: 0, pin_memory: false,\n"
+        "data: {dataset: synthetic, input_size: 16, workers: %d, pin_memory: false,\n"
         "       synthetic: {train_size: 16, val_size: 24}}\n"
-        "runtime: {device: cpu}\n" % plugins)
+        "runtime: {device: cpu}\n" % (plugins, workers))
     return str(path)
 
 
@@ -120,8 +120,9 @@ def _checkpoint(tmp_path, config):
 
 
 def test_cli_compares_two_models(tmp_path, capsys):
-    plain = _config(tmp_path, "plain", "[]")
-    ce = _config(tmp_path, "ce", "[{type: ce, stages: [1, 2, 3]}]")
+    # data workers, as the ImageNet configs load (the analysis uses the config's loader settings)
+    plain = _config(tmp_path, "plain", "[]", workers=2)
+    ce = _config(tmp_path, "ce", "[{type: ce, stages: [1, 2, 3]}]", workers=2)
     out = tmp_path / "out"
     args = [plain, _checkpoint(tmp_path, plain), ce, _checkpoint(tmp_path, ce),
             "--batches", "2", "--batch-size", "8", "--out", str(out)]

@@ -102,3 +102,25 @@ def test_truncated_line_is_reported(runs, tmp_path, capsys):
     assert compare.main([str(run), "--out", str(tmp_path / "o"), "--no-flops"]) == 0
     assert "skipped 1 unreadable line" in capsys.readouterr().err
     assert os.path.exists(tmp_path / "o" / "curves.png")
+
+
+def test_reads_a_two_process_run_started_with_train_sh(tmp_path):
+    """What users run: ./train.sh with 2 processes and data workers (rank 0 writes the files compare reads)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+model: {{backbone: cifar_resnet20, num_classes: 4}}
+data: {{dataset: synthetic, input_size: 8, workers: 2, synthetic: {{train_size: 32, val_size: 9}}}}
+train: {{epochs: 2, batch_size: 8, lr: 0.05}}
+runtime: {{device: cpu, work_dir: {tmp_path / 'run'}, log_interval: 1, tensorboard: false}}
+""")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "NNODES", "NODE_RANK")}
+    p = subprocess.run([os.path.join(root, "train.sh"), str(cfg), "2"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    row = compare.summarize(compare.read_run(str(tmp_path / "run")), "run", flops=False)
+    assert (row["epochs"], row["planned_epochs"]) == (2, 2)
+    assert compare.main([str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--no-flops"]) == 0
+    assert "| 2/2 |" in (tmp_path / "out" / "runs.md").read_text()
