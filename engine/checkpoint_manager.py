@@ -251,6 +251,10 @@ class CheckpointManager:
                     pass
 
     # -- finding
+    def last_good(self):
+        """The newest checkpoint a failing run can name: this run's last save, else the ``latest`` pointer."""
+        return self.last_saved or self.read_pointer()
+
     def read_pointer(self):
         """The checkpoint the ``latest`` pointer names (a path), or None."""
         try:

@@ -175,7 +175,7 @@ class NonFiniteGuard:
             return None
         if callable(c):
             return c()
-        return getattr(c, 'last_saved', None) or c.read_pointer()
+        return c.last_good()
 
     def step_ok(self, loss, step):
         if isinstance(loss, torch.Tensor):

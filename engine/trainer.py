@@ -284,7 +284,7 @@ class Trainer:
         self._timed = (self._timed[0] + t.pop("elapsed"), self._timed[1] + t.pop("steps"))
         if not np.isfinite(m["loss"]):
             raise NonFiniteError(f"training loss is {m['loss']} at step {self.step}; last good checkpoint: "
-                                 f"{self.ckpt.last_saved or self.ckpt.read_pointer() or 'none saved yet'}; lower "
+                                 f"{self.ckpt.last_good() or 'none saved yet'}; lower "
                                  f"train.lr, set train.clip_grad_norm or train.amp=none, then resume")
         lr = self.optimizer.param_groups[0]["lr"]
         eta = format_eta((self.total_steps - self.step) * self._timed[0] / max(self._timed[1], 1))
@@ -308,7 +308,7 @@ class Trainer:
         if bad:  # e.g. diverged running statistics: such weights must not become a checkpoint or best.pth
             raise NonFiniteError(f"validation {bad[0].replace('_', ' ')} is {metrics[bad[0]]} after epoch "
                                  f"{self.epoch} (this epoch is not saved); last good checkpoint: "
-                                 f"{self.ckpt.last_saved or self.ckpt.read_pointer() or 'none saved yet'}; check "
+                                 f"{self.ckpt.last_good() or 'none saved yet'}; check "
                                  f"the block options and train.lr, then resume from it")
         if metrics["count"] != len(self.val_set):
             self.log.warning("evaluated %d images but the validation set has %d", metrics["count"], len(self.val_set))
