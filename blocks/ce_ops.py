@@ -160,6 +160,24 @@ def group_matmul(x3, mat, g):
     return out
 
 
+def sample_group_matmul(x3, mats, out):
+    """``out`` (n, hw, c) = each sample's rows of each group of x3 times that sample's matrix transposed,
+    for mats (n, g, d, d): one strided bmm per sample, written in place. No autograd; on CPU this beats a
+    shared matmul plus an elementwise pass for the per-sample diagonal (see ``per_sample_kernels``)."""
+    g = mats.shape[1]
+    mats_t = mats.transpose(2, 3).to(x3.dtype)
+    for i in range(x3.shape[0]):
+        torch.bmm(group_rows(x3[i:i + 1], g), mats_t[i], out=group_rows(out[i:i + 1], g))
+    return out
+
+
+def per_sample_kernels(x):
+    """Whether CE's channels_last eval may use ``sample_group_matmul``: CPU eager without autograd
+    (a loop over samples is cheap there and saves activation-sized passes; traced graphs keep
+    the batch dimension symbolic, and GPUs prefer the batched form)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not _traceable()
+
+
 def mix_nhwc(x3, bd, gain):
     """A x + gain * x per group for x (n, hw, c), A (g, d, d), gain (n, c), in x's dtype."""
     out = group_matmul(x3, bd, bd.shape[0])

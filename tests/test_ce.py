@@ -250,6 +250,26 @@ def test_channels_last_gives_the_same_result():
     torch.testing.assert_close(m(x), m2(x.contiguous(memory_format=torch.channels_last)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_channels_last_inference_equals_nchw(dtype):
+    # without autograd, channels_last eval on CPU takes its own path (one strided bmm per sample
+    # writing into the centred copy): it must give the NCHW result, running statistics included
+    m = make(64, 16, dtype=torch.float32)
+    m(batch(6, 64, 5, 5, seed=2, dtype=torch.float32))  # running buffers off their init
+    m.eval()
+    x = batch(3, 64, 7, 5, seed=8, dtype=torch.float32).to(dtype)
+    if dtype == torch.float64:
+        m.double()
+    with torch.no_grad():
+        ref, out = m(x), m(x.contiguous(memory_format=torch.channels_last))
+        with torch.enable_grad():
+            autograd_path = m(x.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(out, autograd_path.detach(), **tol)
+
+
 class _Allocations(TorchDispatchMode):
     """Counts the aten ops that write a new tensor of at least ``numel`` elements (views excluded)."""
 
