@@ -171,11 +171,32 @@ def sample_group_matmul(x3, mats, out):
     return out
 
 
+def sample_grams(a3, b3, g):
+    """(n, g, d, d) per-sample, per-group a^T b of the rows of a3, b3 (n, hw, c): one strided bmm per sample."""
+    n, _, c = a3.shape
+    out = torch.empty((n, g, c // g, c // g), dtype=a3.dtype, device=a3.device)
+    for i in range(n):
+        torch.bmm(group_rows(a3[i:i + 1], g).transpose(1, 2), group_rows(b3[i:i + 1], g), out=out[i])
+    return out
+
+
+def loops_over_samples(x):
+    """Whether the channels_last kernels loop over samples: on CPU in eager mode. One strided bmm per
+    sample then applies (or differentiates) each sample's whole matrix A + diag(gain_n), which saves the
+    activation-sized elementwise passes of the diagonal terms. Traced graphs keep the batch dimension
+    symbolic, and GPUs prefer one batched call, so they use the batched form."""
+    return x.device.type == "cpu" and not _traceable()
+
+
+def _sample_mats(bd, gain):
+    """(n, g, d, d) per-sample matrices A + diag(gain_n) from A (g, d, d) and gain (n, c)."""
+    g, d = bd.shape[0], bd.shape[1]
+    return bd + torch.diag_embed(gain.view(-1, g, d).to(bd.dtype))
+
+
 def per_sample_kernels(x):
-    """Whether CE's channels_last eval may use ``sample_group_matmul``: CPU eager without autograd
-    (a loop over samples is cheap there and saves activation-sized passes; traced graphs keep
-    the batch dimension symbolic, and GPUs prefer the batched form)."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and not _traceable()
+    """Whether CE's channels_last eval may use ``sample_group_matmul`` (out= has no autograd)."""
+    return loops_over_samples(x) and not torch.is_grad_enabled()
 
 
 def mix_nhwc(x3, bd, gain):
@@ -200,9 +221,14 @@ class CentredMomentsNHWC(torch.autograd.Function):
         total = x3.sum(1, keepdim=True, dtype=sdt)
         shift = total / hw
         xc = torch.sub(x3, shift)  # promoted to the statistics dtype
-        rows = group_rows(xc, g)
-        scatter = torch.bmm(rows.transpose(1, 2), rows)
-        sumsq = xc.square().sum(1)  # vector_norm over a non-inner dim is ~10x slower on CPU
+        ctx.loop = loops_over_samples(x3)
+        if ctx.loop:  # per-sample grams: their diagonals are the sums of squares, no squared copy
+            grams = sample_grams(xc, xc, g)
+            scatter, sumsq = grams.sum(0), grams.diagonal(dim1=2, dim2=3).reshape(grams.shape[0], -1)
+        else:
+            rows = group_rows(xc, g)
+            scatter = torch.bmm(rows.transpose(1, 2), rows)
+            sumsq = xc.square().sum(1)  # vector_norm over a non-inner dim is ~10x slower on CPU
         sums = (total - hw * shift).squeeze(1)  # ~0: only its gradient matters
         ctx.mark_non_differentiable(shift, xc)
         ctx.set_materialize_grads(False)
@@ -223,6 +249,15 @@ class CentredMomentsNHWC(torch.autograd.Function):
         elif grad.dtype != xc.dtype:
             grad = grad.to(xc.dtype)
         # terms summed into one buffer in place (fresh activation-sized buffers cost page faults on CPU)
+        if ctx.loop and (dscatter is not None or dsumsq is not None):  # one matrix per sample, diagonal included
+            n, c = xc.shape[0], xc.shape[2]
+            sym = (dscatter + dscatter.transpose(1, 2)).expand(n, g, c // g, c // g) if dscatter is not None \
+                else xc.new_zeros(n, g, c // g, c // g)
+            if dsumsq is not None:
+                sym = sym + torch.diag_embed(2 * dsumsq.view(n, g, c // g))
+            for i in range(n):
+                group_rows(grad[i:i + 1], g).baddbmm_(group_rows(xc[i:i + 1], g), sym[i])
+            dscatter = dsumsq = None
         if dscatter is not None:
             sym = dscatter + dscatter.transpose(1, 2)
             if _traceable():
@@ -246,6 +281,9 @@ class MixNHWC(torch.autograd.Function):
     def forward(ctx, x3, bd, gain, xc, shift, link=None):
         ctx.save_for_backward(bd, gain, xc, shift)
         ctx.link = link if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) else None
+        ctx.loop = loops_over_samples(x3)
+        if ctx.loop:
+            return sample_group_matmul(x3, _sample_mats(bd, gain), torch.empty_like(x3))
         return mix_nhwc(x3, bd, gain)
 
     @staticmethod
@@ -255,10 +293,21 @@ class MixNHWC(torch.autograd.Function):
         dout = dout.contiguous()
         dx = dbd = dgain = None
         if ctx.needs_input_grad[0]:
-            dx = group_matmul(dout, bd.transpose(1, 2), g).addcmul_(dout, gain.unsqueeze(1).to(dout.dtype))
+            if ctx.loop:
+                dx = sample_group_matmul(dout, _sample_mats(bd, gain).transpose(2, 3), torch.empty_like(dout))
+            else:
+                dx = group_matmul(dout, bd.transpose(1, 2), g).addcmul_(dout, gain.unsqueeze(1).to(dout.dtype))
             if ctx.link is not None:
                 ctx.link.dx, dx = dx, None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.loop and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            # dW_n = dout_n^T (xc_n + shift_n) per sample: dA sums them, dgain_n is the diagonal
+            d32 = dout.to(xc.dtype)
+            n, c = d32.shape[0], d32.shape[2]
+            dw = sample_grams(d32, xc, g).add_(
+                (d32.sum(1).view(n, g, -1, 1) * shift.view(n, g, 1, -1)))
+            dbd = dw.sum(0) if ctx.needs_input_grad[1] else None
+            dgain = dw.diagonal(dim1=2, dim2=3).reshape(n, c) if ctx.needs_input_grad[2] else None
+        elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             d32 = dout.to(xc.dtype)
             dsum = d32.sum(1)                                    # (n, c)
             n, c = dsum.shape

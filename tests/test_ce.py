@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import blocks.ce as ce_mod
+import blocks.ce_ops as ce_ops
 from blocks.ce import CE
 from blocks.registry import get_block
 from models.converters import cenet
@@ -110,9 +111,17 @@ def batch(n, c, h, w, seed, dtype=torch.float64):
 FORMATS = [torch.contiguous_format, torch.channels_last]
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+# channels_last has two kernel forms: one strided bmm per sample (CPU eager) and the batched one
+# (GPUs, traced graphs), forced here on CPU so both are checked against the reference
+LAYOUTS = [(torch.contiguous_format, True), (torch.channels_last, True), (torch.channels_last, False)]
+LAYOUT_IDS = ["nchw", "channels_last", "channels_last_batched"]
+
+
+@pytest.mark.parametrize("fmt,loop", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("c,group,pooling", [(32, 16, False), (24, 16, False), (16, 64, False), (32, 8, True)])
-def test_train_forward_and_gradients_match_reference(c, group, pooling, fmt):
+def test_train_forward_and_gradients_match_reference(c, group, pooling, fmt, loop, monkeypatch):
+    if not loop:
+        monkeypatch.setattr(ce_ops, "loops_over_samples", lambda x: False)
     m = make(c, group, pooling=pooling)
     x = batch(3, c, 6, 5, seed=1).contiguous(memory_format=fmt).requires_grad_()
     params = {k: v.detach().clone().requires_grad_() for k, v in ref_params(m).items()}
@@ -157,8 +166,10 @@ def test_parameter_gradients_when_the_input_needs_none():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-13, msg=name)
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
-def test_running_statistics_and_eval_match_reference(fmt):
+@pytest.mark.parametrize("fmt,loop", LAYOUTS, ids=LAYOUT_IDS)
+def test_running_statistics_and_eval_match_reference(fmt, loop, monkeypatch):
+    if not loop:
+        monkeypatch.setattr(ce_ops, "loops_over_samples", lambda x: False)
     c, group = 32, 16
     m = make(c, group, seed=3)
     params = {k: v.detach().clone() for k, v in ref_params(m).items()}
