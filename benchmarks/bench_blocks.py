@@ -26,7 +26,7 @@ import torch
 from benchmarks import bench_ce
 from blocks.we import fold_we
 from models import build_model
-from tools.bench_utils import infer_step_fn, make_optimizer, synthetic_batch, train_step_fn
+from benchmarks.harness import infer_step_fn, make_optimizer, synthetic_batch, train_step_fn
 
 MODELS = {
     "resnet50": {"backbone": "resnet50"},

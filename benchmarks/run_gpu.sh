@@ -29,7 +29,7 @@ REPEATS=${REPEATS:-3}        # interleaved rounds
 WHEELS=${WHEELS:-shared/wheels}
 mkdir -p "$RESULTS_DIR"
 
-python - <<'EOF' || { echo "no usable CUDA device: run tools/benchmark.py with --device cpu instead"; exit 1; }
+python - <<'EOF' || { echo "no usable CUDA device: run benchmarks/benchmark.py with --device cpu instead"; exit 1; }
 import torch
 assert torch.cuda.is_available()
 print(torch.__version__, torch.cuda.get_device_name(0))
@@ -55,7 +55,7 @@ FAST=(--precision bf16 --channels-last --batch-size "$BATCH" --repeats "$REPEATS
 bench() {  # bench STAGE ARGS...
   local stage=$1; shift
   echo "=== $stage"
-  python -m tools.benchmark "$@" --json "$RESULTS_DIR/gpu_${stage}_${DEV}.json" \
+  python -m benchmarks.benchmark "$@" --json "$RESULTS_DIR/gpu_${stage}_${DEV}.json" \
     --markdown "$RESULTS_DIR/gpu_${stage}_${DEV}.md"
   echo "=== $stage exit $?"
 }

@@ -1,4 +1,4 @@
-"""tools.benchmark on CPU: end to end on a tiny model, channels_last parity of every block model, --check."""
+"""benchmarks.benchmark on CPU: end to end on a tiny model, channels_last parity of every block model, --check."""
 import json
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import blocks
 from models import build_model
-from tools import bench_utils, benchmark
+from benchmarks import benchmark, harness
 
 TINY = benchmark.SUITES["tiny"]
 
@@ -50,7 +50,7 @@ def test_train_flops_count_what_a_training_step_runs(name):
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
     model = build_model(TINY[name])
-    counted = bench_utils.train_step_flops(model, 16, 3)
+    counted = harness.train_step_flops(model, 16, 3)
     x = torch.randn(3, 3, 16, 16)
     with FlopCounterMode(display=False) as direct:
         torch.nn.functional.cross_entropy(model.train()(x), torch.zeros(3, dtype=torch.long)).backward()
@@ -58,11 +58,11 @@ def test_train_flops_count_what_a_training_step_runs(name):
 
 
 def test_peak_table_matches_datasheets():
-    assert bench_utils.peak_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
-    assert bench_utils.peak_for_name("NVIDIA H200", "bf16") == 989e12
-    assert bench_utils.peak_for_name("NVIDIA H100 PCIe", "bf16") == 756e12
-    assert bench_utils.peak_for_name("NVIDIA A100-SXM4-80GB", "tf32") == 156e12
-    assert bench_utils.peak_for_name("Some GPU", "bf16") is None
+    assert harness.peak_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert harness.peak_for_name("NVIDIA H200", "bf16") == 989e12
+    assert harness.peak_for_name("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert harness.peak_for_name("NVIDIA A100-SXM4-80GB", "tf32") == 156e12
+    assert harness.peak_for_name("Some GPU", "bf16") is None
 
 
 def test_tiny_suite_covers_every_registered_block():

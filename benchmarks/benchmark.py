@@ -1,10 +1,10 @@
 """Training and inference speed of models on synthetic data made on the device.
 
-    python -m tools.benchmark --suite resnet50-family --precision bf16 --channels-last [--compile [both]]
-    python -m tools.benchmark --config configs/imagenet/ce_resnet50.yaml --config ... --mode train
-    python -m tools.benchmark --model-json '{"backbone": "cifar_resnet20", "num_classes": 10}' --input-size 32
-    python -m tools.benchmark --suite resnet50-family --check          # bf16-vs-fp32, channels_last, NaN
-    python -m tools.benchmark --suite resnet50-family --graph-breaks   # torch._dynamo.explain per model
+    python -m benchmarks.benchmark --suite resnet50-family --precision bf16 --channels-last [--compile [both]]
+    python -m benchmarks.benchmark --config configs/imagenet/ce_resnet50.yaml --config ... --mode train
+    python -m benchmarks.benchmark --model-json '{"backbone": "cifar_resnet20", "num_classes": 10}' --input-size 32
+    python -m benchmarks.benchmark --suite resnet50-family --check          # bf16-vs-fp32, channels_last, NaN
+    python -m benchmarks.benchmark --suite resnet50-family --graph-breaks   # torch._dynamo.explain per model
 
 A training step is zero_grad(set_to_none) + forward + cross-entropy + backward + SGD step
 (momentum 0.9, wd 1e-4); an inference step is an eval-mode forward under no_grad. Models are
@@ -14,7 +14,7 @@ step time / the card's datasheet peak at the precision. Model FLOPs are what the
 counted by ``torch.utils.flop_counter`` at the input size: for inference 2 x the eval-mode forward
 MACs of the batch (``tools.flops.complexity``; WE folded: in eval WEConv2d caches its excited
 weight, so inference runs no excitation); for training the train-mode forward + backward of the unfolded model
-(``bench_utils.train_step_flops``: CE's Gram/Newton statistics and gradients, WE's excitation and
+(``harness.train_step_flops``: CE's Gram/Newton statistics and gradients, WE's excitation and
 its backward once per step), not 3 x the forward. Peak memory is what the model's steps need beyond what other resident models hold.
 """
 import argparse
@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from tools import bench_utils as bu
+from benchmarks import harness as bu
 
 # Suites: name -> {row name: model section, or "torchvision:<name>" for the torchvision reference}.
 # The resnet50-family sections are the model sections of configs/imagenet/{cenet,ednet,we,mobilenet}.
@@ -189,16 +189,16 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     bu.set_precision(args.precision, device)
     entries = entries_from_args(args)
-    command = "python -m tools.benchmark " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m benchmarks.benchmark " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report = {"command": command, "device": bu.device_info(device), "versions": bu.versions(),
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
               "peak_flops": args.peak_tflops * 1e12 if args.peak_tflops else bu.peak_flops(device, args.precision)}
     if args.check or args.graph_breaks:
-        from tools import bench_check
+        from benchmarks import checks
         ready = prepare(entries, argparse.Namespace(**{**vars(args), "fold_we": False, "channels_last": False}), device)
         report["check" if args.check else "graph_breaks"] = rows = \
-            (bench_check.run_checks if args.check else bench_check.graph_breaks)(ready, args, device)
-        text = (bench_check.check_table if args.check else bench_check.breaks_table)(rows)
+            (checks.run_checks if args.check else checks.graph_breaks)(ready, args, device)
+        text = (checks.check_table if args.check else checks.breaks_table)(rows)
         failed = any(not r.get("ok", True) for r in rows) or any(e.error for e in entries)
     else:
         rows = bu.time_models(prepare(entries, args, device), args, device)

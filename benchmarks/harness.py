@@ -1,6 +1,6 @@
-"""Pieces of ``tools/benchmark.py``: devices and their peaks, precision switches, the timed steps.
+"""Pieces of ``benchmarks/benchmark.py``: devices and their peaks, precision switches, the timed steps.
 
-Kept apart so the benchmark's command line stays short and ``tools/bench_check.py`` (the
+Kept apart so the benchmark's command line stays short and ``benchmarks/checks.py`` (the
 ``--check`` / ``--graph-breaks`` modes) can share the same step definitions.
 """
 import contextlib

@@ -1,4 +1,4 @@
-"""``tools.benchmark --check`` and ``--graph-breaks``: the fast paths must not change results.
+"""``benchmarks.benchmark --check`` and ``--graph-breaks``: the fast paths must not change results.
 
 --check, per registered block (on a random activation) and per model of the run:
 * low precision (bf16 autocast, or fp16 with --precision fp16) vs float32: relative error
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from tools import bench_utils as bu
+from benchmarks import harness as bu
 
 LOW_TOL, CL_TOL, FOLD_TOL, COMPILE_TOL = 1e-2, 1e-5, 1e-5, 1e-4
 
