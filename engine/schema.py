@@ -75,6 +75,9 @@ TRAIN_SCHEMA = {
                  choices=("none", "bf16", "fp16")),
     "channels_last": Field(False, "use channels_last memory format for the model and inputs"),
     "compile": Field(False, "wrap the model with torch.compile"),
+    "compile_backend": Field("inductor", "torch.compile backend: inductor (generated kernels), aot_eager (traces "
+                             "forward and backward, no code generation: starts in seconds; for debugging and CPU "
+                             "tests) or eager (dynamo only)", choices=("inductor", "aot_eager", "eager")),
     "sync_bn": Field(False, "convert BatchNorm layers to SyncBatchNorm when training on several processes"),
     "clip_grad_norm": Field(None, "clip the global gradient norm to this value (null: off)",
                             type=(int, float), nullable=True, check=_at_least(0.0, strict=True)),

@@ -102,7 +102,8 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=ids, find_unused_parameters=cfg.dist.find_unused_parameters)
         if tr.compile:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, backend=tr.compile_backend)
+            self.log.info("torch.compile, backend %s (the first steps include compilation)", tr.compile_backend)
         self.epoch = self.step = self.iter_in_epoch = 0
         self._timed = (0.0, 0)  # training seconds and steps of this run, for the ETA
         self.best_metric = None
