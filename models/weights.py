@@ -171,7 +171,7 @@ def load_weights(model, checkpoint, strict=True, source="auto", ignore=(), new_h
             report.missing.append(key)
     if strict and not report.ok:
         hint = ("build the checkpoint's architecture (model.backbone, backbone_args, conv, plugins; only the "
-                "classifier may differ), or list the keys to leave at their initialisation in model.pretrained_ignore"
+                "classifier may differ), or list the keys not to load in model.pretrained_ignore"
                 if new_head else "if this is intended (e.g. a new classifier) list the keys to skip in "
                 "model.pretrained_ignore, e.g. ['fc.*']")
         raise WeightsMismatchError(f"weights in {name} ({src} format) do not fit the model{_trained_as(checkpoint)}: "
