@@ -277,3 +277,35 @@ def test_bad_finetune_settings_are_refused_in_one_line(tmp_path, folder, overrid
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match=r"out of range for cifar_resnet20: .* or 1\.\.3"):
         ft_cfg(tmp_path, folder, {"backbone": "cifar_resnet20"}, "model.frozen_stages=4")
+
+
+def test_an_original_repository_checkpoint_fine_tunes_with_a_new_head():
+    from tests.test_ed import ednet_state_dict
+    torch.manual_seed(0)
+    theirs = ednet_state_dict((3, 4, 6, 3), base=64, expansion=4, cardinality=1, se=False)  # ED-Net's ED50
+    checkpoint = {"epoch": 100, "arch": "ED50", "state_dict": {"module." + k: v for k, v in theirs.items()}}
+    model = build_model({"backbone": "resnet50", "num_classes": 3, "frozen_stages": 1,
+                         "plugins": [{"type": "ed", "position": "parallel", "reduction": 4}]})
+    report = load_weights(model, checkpoint, new_head=True)
+    assert report.source == "ednet" and report.skipped == ["fc.weight", "fc.bias"]
+    assert report.loaded == len(theirs) - 2
+    ours = model.layer4[2].ed.decoder_conv.weight
+    assert torch.equal(ours, theirs["layer4.layer4_block_2.decoder.decoder_conv.weight"])
+
+
+def test_readme_section_runs_its_snippet_and_names_real_keys_and_configs(tmp_path):
+    import re
+    from engine.config import load_config
+    from engine.schema import describe
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    section = readme.split("### Fine-tuning on your own data", 1)[1].split("\n### ", 1)[0]
+    keys = re.findall(r"^\| `([a-z_.]+)` \|", section, re.M)
+    assert len(keys) == 5 and set(keys) <= {k for k, _, _ in describe()}
+    configs = set(re.findall(r"configs/finetune/\w+\.yaml", section))
+    assert len(configs) == 2 and all(load_config(os.path.join(root, c)) for c in configs)
+    snippet = re.search(r"python - <<'PY'.*?\n(.*?)\nPY\n", section, re.S).group(1)
+    exec(snippet.replace("work_dirs/digits3", str(tmp_path)), {})
+    counts = {split: sum(len(os.listdir(tmp_path / split / c)) for c in ("0-2", "3-5", "6-9"))
+              for split in ("train", "val")}
+    assert counts == {"train": 1437, "val": 360}  # as the README says
