@@ -44,7 +44,7 @@ def param_groups(model, weight_decay, exempt=(), backbone_lr_mult=1.0):
         head = getattr(model, "head_prefix", None)
         if not head:
             raise ConfigError(f"train.backbone_lr_mult needs to know the classifier: {type(model).__name__} "
-                             f"declares no head_prefix; set train.backbone_lr_mult=1")
+                              f"declares no head_prefix; set train.backbone_lr_mult=1")
     parts = ("head", "backbone") if head else ("all",)
     buckets, seen = {(part, decayed): [] for part in parts for decayed in (True, False)}, set()
     for mod_name, module in model.named_modules():

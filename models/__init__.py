@@ -41,7 +41,8 @@ def build_model(model_cfg):
     conv = ConvFactory(_get(model_cfg, "conv", {"type": "plain"}))
     model = builder(name, conv, specs, int(_get(model_cfg, "num_classes", 1000)),
                     **dict(_get(model_cfg, "backbone_args", {}) or {}))
-    return apply_finetune(model, int(_get(model_cfg, "frozen_stages", -1)), bool(_get(model_cfg, "norm_eval", False)))
+    return apply_finetune(model, int(_get(model_cfg, "frozen_stages", -1)),
+                          bool(_get(model_cfg, "norm_eval", False)))
 
 
 def validate_model_cfg(model_cfg, build=True):

@@ -309,3 +309,17 @@ def test_readme_section_runs_its_snippet_and_names_real_keys_and_configs(tmp_pat
     counts = {split: sum(len(os.listdir(tmp_path / split / c)) for c in ("0-2", "3-5", "6-9"))
               for split in ("train", "val")}
     assert counts == {"train": 1437, "val": 360}  # as the README says
+
+
+def test_list_file_dataset_fine_tunes_too(tmp_path, folder, checkpoints):
+    lines = {split: [f"{name}/{f} {c}" for c, name in enumerate(CLASSES)
+                     for f in sorted(os.listdir(folder / split / name))] for split in ("train", "val")}
+    for split, rows in lines.items():
+        (tmp_path / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    cfg = ft_cfg(tmp_path / "run", folder, {**CE20, "pretrained": checkpoints["ours"], "frozen_stages": 2},
+                 "data.dataset=imagenet_list", f"data.train_list={tmp_path / 'train.txt'}",
+                 f"data.val_list={tmp_path / 'val.txt'}", epochs=1)
+    t = Trainer(cfg)
+    assert t.pretrained[1].skipped == ["fc.weight", "fc.bias"] and len(t.train_set) == 12
+    result = t.train()
+    assert result["status"] == "done" and result["metrics"]["count"] == 6 and np.isfinite(result["metrics"]["loss"])
