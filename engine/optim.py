@@ -5,6 +5,11 @@ Weight decay can skip three kinds of parameters (``train.wd_exempt``):
 ``marked`` (names a module lists in its ``no_weight_decay`` attribute, a list of
 its own parameter names or a method returning one; CE marks its mixing ``theta``).
 
+Fine-tuning: ``train.backbone_lr_mult`` gives every parameter outside the classifier
+(the model's ``head_prefix``) the LR ``train.lr * backbone_lr_mult``; groups are split
+by both head/backbone and decay/no-decay, each group's ``initial_lr`` holds its own
+peak LR and the schedule scales each by the same factor (a checkpoint keeps them).
+
 The schedule is a function of the optimizer step, so the LR changes every
 iteration (warmup and cosine/poly are smooth; step/multistep drop at epoch
 boundaries). Warmup multiplies the main schedule linearly from
@@ -14,6 +19,8 @@ import math
 
 import torch
 import torch.nn as nn
+
+from engine.fields import ConfigError
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -25,10 +32,21 @@ def _marked_names(module):
     return set(marked or ())
 
 
-def param_groups(model, weight_decay, exempt=()):
-    """Split trainable parameters into a decayed and a non-decayed group (empty groups dropped)."""
+def param_groups(model, weight_decay, exempt=(), backbone_lr_mult=1.0):
+    """Split trainable parameters into decayed and non-decayed groups (empty groups dropped).
+
+    With ``backbone_lr_mult != 1`` each is split again into the classifier ('head', first) and the
+    rest ('backbone'), whose group carries ``lr_mult``; otherwise the groups are as without fine-tuning.
+    """
     exempt = set(exempt)
-    decay, no_decay, seen = [], [], set()
+    head = None
+    if backbone_lr_mult != 1:
+        head = getattr(model, "head_prefix", None)
+        if not head:
+            raise ConfigError(f"train.backbone_lr_mult needs to know the classifier: {type(model).__name__} "
+                              f"declares no head_prefix; set train.backbone_lr_mult=1")
+    parts = ("head", "backbone") if head else ("all",)
+    buckets, seen = {(part, decayed): [] for part in parts for decayed in (True, False)}, set()
     for mod_name, module in model.named_modules():
         marked = _marked_names(module) if "marked" in exempt else set()
         for name, p in module.named_parameters(recurse=False):
@@ -38,15 +56,28 @@ def param_groups(model, weight_decay, exempt=()):
             skip = (("norm" in exempt and isinstance(module, _NORMS))
                     or ("bias" in exempt and name == "bias")
                     or name in marked)
-            (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+            part = "all" if not head else "head" if f"{mod_name}.{name}".startswith(head) else "backbone"
+            buckets[(part, not skip)].append(p)
+    groups = []
+    for (part, decayed), params in buckets.items():
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if head:
+            group.update(name=part, lr_mult=backbone_lr_mult if part == "backbone" else 1.0)
+        groups.append(group)
     return [g for g in groups if g["params"]]
+
+
+def group_lrs(optimizer):
+    """{'head': lr, 'backbone': lr} of an optimizer with fine-tuning groups ({} without)."""
+    return {g["name"]: g["lr"] for g in optimizer.param_groups if g.get("name") in ("head", "backbone")}
 
 
 def build_optimizer(model, train_cfg):
     """SGD (momentum, nesterov, weight decay with exemptions) over ``model``'s trainable parameters."""
-    groups = param_groups(model, train_cfg["weight_decay"], train_cfg["wd_exempt"])
+    groups = param_groups(model, train_cfg["weight_decay"], train_cfg["wd_exempt"],
+                          train_cfg.get("backbone_lr_mult", 1.0))
+    for g in groups:
+        g["lr"] = train_cfg["lr"] * g.get("lr_mult", 1.0)
     return torch.optim.SGD(groups, lr=train_cfg["lr"], momentum=train_cfg["momentum"],
                            nesterov=train_cfg["nesterov"] and train_cfg["momentum"] > 0,
                            weight_decay=train_cfg["weight_decay"])
@@ -75,7 +106,7 @@ def lr_factor(step, train_cfg, iters_per_epoch):
 
 
 class IterScheduler:
-    """Sets every group's LR to ``base_lr * lr_factor(step)``; ``step()`` after each optimizer step.
+    """Sets every group's LR to its own ``initial_lr * lr_factor(step)``; ``step()`` after each optimizer step.
 
     Its state is the step counter, so a resumed run gets the exact LR back.
     """

@@ -37,6 +37,12 @@ def _in_range(low, high):
     return check
 
 
+def _lr_mult(value, path):
+    if value <= 0:
+        raise ConfigError(f"{path}={value!r} must be > 0 (the backbone's LR is train.lr x this); to keep "
+                          f"backbone weights fixed use model.frozen_stages instead")
+
+
 def _subset_of(choices):
     def check(value, path):
         for x in value:
@@ -53,6 +59,9 @@ TRAIN_SCHEMA = {
     "optimizer": Field("sgd", "optimizer (SGD with momentum)", choices=("sgd",)),
     "lr": Field(0.1, "peak learning rate for train.batch_size (reached after warmup)",
                 check=_at_least(0.0, strict=True)),
+    "backbone_lr_mult": Field(1.0, "fine-tuning: every parameter but the classifier's trains at train.lr x this "
+                              "(e.g. 0.1; the schedule scales both alike); 1: one LR for all",
+                              check=_lr_mult),
     "momentum": Field(0.9, "SGD momentum", check=_in_range(0.0, 1.0)),
     "nesterov": Field(False, "use Nesterov momentum"),
     "weight_decay": Field(1e-4, "L2 weight decay (SGD's coupled form)", check=_at_least(0.0)),

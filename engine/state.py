@@ -161,7 +161,11 @@ def resume(t):
 
 
 def load_pretrained(t, spec, ignore):
-    """``model.pretrained``: start a new run from these weights (not used when resuming)."""
+    """``model.pretrained``: start a new run from these weights (not used when resuming).
+
+    A classifier that does not fit (another class count) keeps its fresh initialisation; any other
+    mismatch is refused. ``t.pretrained`` holds (path, LoadReport) for the run's log.
+    """
     from engine.hub import resolve_checkpoint
     from models.weights import load_weights
     err = path = None
@@ -174,7 +178,7 @@ def load_pretrained(t, spec, ignore):
     if err is not None:
         raise CheckpointError(err)
     path = path or resolve_checkpoint(spec)
-    report = load_weights(t.model, path, ignore=tuple(ignore))
+    report = load_weights(t.model, path, ignore=tuple(ignore), new_head=True)
     if t.ema is not None:
         t.ema = ModelEMA(t.model, t.ema.decay, t.ema.every)
-    t.log.info("initialised weights from %s (%s)", path, report.summary())
+    t.pretrained = (path, report)  # the trainer logs it once log.txt and metrics.jsonl exist

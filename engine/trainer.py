@@ -30,7 +30,7 @@ from engine.guard import NonFiniteError, NonFiniteGuard
 from engine.lock import WorkDirBusy, WorkDirLock
 from engine.logger import RunLogger, setup_console
 from engine.meters import SumMeter, Throughput, format_eta
-from engine.optim import IterScheduler, build_optimizer
+from engine.optim import IterScheduler, build_optimizer, group_lrs
 from engine.preempt import StopAgreement
 from engine.sampling import set_skip, unwrap_sampler
 from engine.state import capture_rng_state, restore_rng_state, resume, seed_everything, training_state
@@ -112,6 +112,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.work_dir, keep_last=rt.keep_last)
         self.nonfinite = None if tr.max_nonfinite is None else NonFiniteGuard(tr.max_nonfinite, self.ckpt)
         self.lock = WorkDirLock(self.work_dir)
+        self.pretrained = None  # (path, models.weights.LoadReport) when model.pretrained initialised this run
         resumed = self.ckpt.read_pointer()
         resume(self)
 
@@ -138,9 +139,19 @@ class Trainer:
             raise (WorkDirBusy if err[0] == "busy" else CheckpointError)(err[1])
         self.runlog = RunLogger(self.work_dir, self.dist.is_main, rt.tensorboard)
         self.log.info("config:\n%s", dump(cfg).rstrip())
+        self._log_pretrained()
         self.log.info("world size %d (%s), device %s, per-process batch %d x %d accumulation, %d steps/epoch",
                       world, self.dist.backend or "single process", self.device, self.batch, self.accum,
                       self.iters_per_epoch)
+
+    def _log_pretrained(self):
+        """Say what model.pretrained loaded and exactly which keys it skipped and why (log and metrics.jsonl)."""
+        if self.pretrained is None:
+            return
+        path, report = self.pretrained
+        self.log.info("initialised weights from %s (%s format): %s", path, report.source, report.summary())
+        self.runlog.log("pretrained", 0, {}, path=path, source=report.source, loaded=report.loaded,
+                        skipped=report.skipped, reasons=report.skipped_reasons())
 
     def state_dict(self):
         return training_state(self)
@@ -288,11 +299,13 @@ class Trainer:
                                  f"{self.ckpt.last_good() or 'none saved yet'}; lower "
                                  f"train.lr, set train.clip_grad_norm or train.amp=none, then resume")
         lr = self.optimizer.param_groups[0]["lr"]
+        lrs = {"lr": lr, **{f"lr_{k}": v for k, v in group_lrs(self.optimizer).items()}}
+        backbone = f" (backbone {lrs['lr_backbone']:.5g})" if "lr_backbone" in lrs else ""
         eta = format_eta((self.total_steps - self.step) * self._timed[0] / max(self._timed[1], 1))
         self.log.info(f"epoch {epoch + 1}/{self.cfg.train.epochs} [{self.iter_in_epoch}/{self.iters_per_epoch}] "
-                      f"loss {m['loss']:.4f} top1 {m['top1']:.2f} top5 {m['top5']:.2f} lr {lr:.5g} | "
+                      f"loss {m['loss']:.4f} top1 {m['top1']:.2f} top5 {m['top5']:.2f} lr {lr:.5g}{backbone} | "
                       f"data {t['data_time']:.3f}s step {t['step_time']:.3f}s {t['img_s']:.0f} img/s | eta {eta}")
-        self.runlog.log("train", self.step, {**m, "lr": lr, **t}, epoch=epoch + 1)
+        self.runlog.log("train", self.step, {**m, **lrs, **t}, epoch=epoch + 1)
 
     def validate(self):
         start = time.perf_counter()

@@ -13,6 +13,7 @@ from blocks.registry import CONVS, check_options, get_block, get_conv
 from engine.fields import ConfigError
 
 from .cifar_resnet import CifarResNet, build_cifar_resnet
+from .finetune import apply_finetune, check_finetune_cfg
 from .mobilenetv2 import MobileNetV2, build_mobilenet_v2
 from .plugins import SPEC_KEYS, block_options, parse_plugins
 from .resnet import ARCHS as RESNET_ARCHS, ResNet, build_resnet
@@ -38,8 +39,10 @@ def build_model(model_cfg):
     builder, _ = BACKBONES[name]
     specs = parse_plugins(_get(model_cfg, "plugins", []))
     conv = ConvFactory(_get(model_cfg, "conv", {"type": "plain"}))
-    return builder(name, conv, specs, int(_get(model_cfg, "num_classes", 1000)),
-                   **dict(_get(model_cfg, "backbone_args", {}) or {}))
+    model = builder(name, conv, specs, int(_get(model_cfg, "num_classes", 1000)),
+                    **dict(_get(model_cfg, "backbone_args", {}) or {}))
+    return apply_finetune(model, int(_get(model_cfg, "frozen_stages", -1)),
+                          bool(_get(model_cfg, "norm_eval", False)))
 
 
 def validate_model_cfg(model_cfg, build=True):
@@ -79,6 +82,7 @@ def validate_model_cfg(model_cfg, build=True):
     _check_options(get_conv(conv_type), {k: v for k, v in conv_cfg.items() if k not in ("type", "exclude")},
                    "model.conv")
     _validate_plugins(_get(model_cfg, "plugins", []) or [], name, cls)
+    check_finetune_cfg(model_cfg, name, cls)
     if build:
         try:
             with torch.device("meta"):

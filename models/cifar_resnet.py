@@ -27,6 +27,7 @@ class PadShortcut(nn.Module):
 class CifarResNet(nn.Module):
     places = ("after_norm", "parallel", "stem")
     num_stages = 3
+    head_prefix = "fc."  # the classifier's keys: re-initialised when fine-tuning to another class count
     stem_halvings, stage_halvings = 0, (0, 1, 2)  # stride-2 steps before each place (map side ~ input / 2^k)
 
     def __init__(self, depth, conv, specs=(), num_classes=10, shortcut="A", in_chans=3):

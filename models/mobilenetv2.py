@@ -74,6 +74,7 @@ def mbv2_init(m):
 class MobileNetV2(nn.Module):
     places = ("after_norm", "stem")
     num_stages = len(SETTINGS)
+    head_prefix = "classifier.1."  # the classifier's keys: re-initialised for another class count
     stem_halvings = 1  # stride-2 steps before each place (map side ~ input / 2^k)
     stage_halvings = tuple(1 + sum(s == 2 for *_, s in SETTINGS[:i + 1]) for i in range(len(SETTINGS)))
 

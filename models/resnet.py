@@ -85,6 +85,7 @@ class ResNet(nn.Module):
 
     places = ("after_norm", "parallel", "stem")
     num_stages = 4
+    head_prefix = "fc."  # the classifier's keys: re-initialised when fine-tuning to another class count
     stem_halvings, stage_halvings = 1, (2, 3, 4, 5)  # stride-2 steps before each place (map side ~ input / 2^k)
 
     def __init__(self, block, layers, conv, specs=(), num_classes=1000, groups=1, width_per_group=64,

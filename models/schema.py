@@ -1,5 +1,10 @@
 """The ``model`` section of the config: which backbone, which conv, which plug-ins."""
-from engine.fields import Field
+from engine.fields import ConfigError, Field
+
+
+def _stage_index(value, path):
+    if value < -1:
+        raise ConfigError(f"{path}={value!r} must be >= -1 (-1: nothing frozen, 0: the stem, k: stem + stages 1..k)")
 
 MODEL_SCHEMA = {
     "backbone": Field("resnet50", "backbone name: resnet18/34/50/101/152, resnext50_32x4d, "
@@ -15,6 +20,12 @@ MODEL_SCHEMA = {
 MODEL_SCHEMA.update({
     "pretrained": Field(None, "weights to start from: a path, a model-zoo name or a URL (ours, torchvision's, "
                         "or the CENet / ED-Net / WE repositories' checkpoints)", type=str, nullable=True),
-    "pretrained_ignore": Field([], "glob patterns of model keys not to load from 'pretrained' "
-                               "(e.g. ['fc.*'] for a new classifier); other mismatches are errors"),
+    "pretrained_ignore": Field([], "glob patterns of model keys to leave at their initialisation instead of "
+                               "loading them from 'pretrained' (e.g. ['fc.*'] for a new head with the "
+                               "checkpoint's class count); other mismatches are errors"),
+    "frozen_stages": Field(-1, "fine-tuning: freeze the stem (0) and stages 1..k (k): no gradients, modules kept "
+                           "in eval mode (BN/CE statistics fixed); -1: nothing frozen", type=int,
+                           check=_stage_index),
+    "norm_eval": Field(False, "fine-tuning: keep every BatchNorm (and CE) layer in eval mode while training: "
+                       "running statistics fixed, affine parameters still trained"),
 })

@@ -5,6 +5,9 @@
 ``models/converters`` rename a foreign repository's keys to ours, and compares
 the result with the model key by key: missing, unexpected and wrong-shape keys
 are reported exactly and refused unless the caller asked for a partial load.
+Fine-tuning (``new_head=True``) leaves the classifier (the keys under the
+backbone's ``head_prefix``) at its fresh initialisation when the checkpoint's
+differs in shape (another class count) or is absent; every other key stays strict.
 """
 import fnmatch
 import importlib
@@ -30,10 +33,16 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
     mismatched: list = field(default_factory=list)   # (key, checkpoint shape, model shape)
     ignored: list = field(default_factory=list)
+    reinitialised: list = field(default_factory=list)  # (key, checkpoint shape or None, model shape)
 
     @property
     def ok(self):
         return not (self.missing or self.unexpected or self.mismatched)
+
+    @property
+    def skipped(self):
+        """Every key not loaded on purpose: the re-initialised head, then those pretrained_ignore matched."""
+        return [k for k, _, _ in self.reinitialised] + list(self.ignored)
 
     def summary(self, limit=5):
         def few(keys):
@@ -43,7 +52,19 @@ class LoadReport:
         parts = [f"{len(v)} {n} ({few(v)})" for n, v in
                  (("missing", self.missing), ("unexpected", self.unexpected),
                   ("of the wrong shape", self.mismatched)) if v]
-        return "; ".join(parts) if parts else f"all {self.loaded} tensors matched"
+        if parts:
+            return "; ".join(parts)
+        if not self.skipped:
+            return f"all {self.loaded} tensors matched"
+        return f"{self.loaded} tensors loaded; skipped {len(self.skipped)}: " + "; ".join(self.skipped_reasons())
+
+    def skipped_reasons(self):
+        """One entry per skipped key, each saying why (all of them: the report must be exact)."""
+        out = []
+        for key, ckpt, own in self.reinitialised:
+            was = f"checkpoint {list(ckpt)}" if ckpt is not None else "not in the checkpoint"
+            out.append(f"{key} (classifier re-initialised: {was}, model {list(own)})")
+        return out + [f"{key} (model.pretrained_ignore)" for key in self.ignored]
 
 
 def unwrap_state_dict(obj):
@@ -93,12 +114,32 @@ def convert_state_dict(state_dict, model, source="auto"):
     return mod.convert(state_dict, model), source
 
 
-def load_weights(model, checkpoint, strict=True, source="auto", ignore=()):
+def _new_head_keys(model, state_dict, own):
+    """Model keys of the classifier when the checkpoint's does not fit it (another class count, or absent)."""
+    prefix = getattr(model, "head_prefix", None)
+    keys = [k for k in own if prefix and k.startswith(prefix)]
+    if any(k not in state_dict or tuple(state_dict[k].shape) != tuple(own[k].shape) for k in keys):
+        return keys
+    return []
+
+
+def _trained_as(checkpoint):
+    """' (trained as resnet50 with ce)' when the checkpoint carries our config, else ''."""
+    cfg = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict) or not model.get("backbone"):
+        return ""
+    plugins = [p.get("type", "?") for p in model.get("plugins") or [] if isinstance(p, dict)]
+    return f" (it was trained as {model['backbone']} with {', '.join(plugins) or 'no plug-ins'})"
+
+
+def load_weights(model, checkpoint, strict=True, source="auto", ignore=(), new_head=False):
     """Load ``checkpoint`` (a path or a loaded object) into ``model`` and return a :class:`LoadReport`.
 
     ``ignore``: glob patterns of model keys to leave as initialised (e.g. ``['fc.*']`` for a new
-    classifier). With ``strict`` any other missing/unexpected/wrong-shape key raises
-    :class:`WeightsMismatchError`; without it the matching tensors load and the report says what did not.
+    classifier). ``new_head``: leave the classifier as initialised when the checkpoint's does not fit
+    (fine-tuning to another class count). With ``strict`` any other missing/unexpected/wrong-shape key
+    raises :class:`WeightsMismatchError`; without it the matching tensors load and the report says what did not.
     """
     name = checkpoint if isinstance(checkpoint, str) else "<state dict>"
     if isinstance(checkpoint, str):
@@ -107,8 +148,14 @@ def load_weights(model, checkpoint, strict=True, source="auto", ignore=()):
     state_dict, src = convert_state_dict(unwrap_state_dict(checkpoint), model, source)
     own = model.state_dict()
     report = LoadReport(source=src)
+    head = _new_head_keys(model, state_dict, own) if new_head else []
+    for key in head:
+        report.reinitialised.append((key, tuple(state_dict[key].shape) if key in state_dict else None,
+                                     tuple(own[key].shape)))
     to_load = {}
     for key, value in state_dict.items():
+        if key in head:
+            continue
         if any(fnmatch.fnmatch(key, pat) for pat in ignore):
             report.ignored.append(key)
         elif key not in own:
@@ -118,14 +165,17 @@ def load_weights(model, checkpoint, strict=True, source="auto", ignore=()):
         else:
             to_load[key] = value
     for key in own:
-        if key in to_load or key in state_dict or any(fnmatch.fnmatch(key, p) for p in ignore):
+        if key in to_load or key in state_dict or key in head or any(fnmatch.fnmatch(key, p) for p in ignore):
             continue
         if not key.endswith(BENIGN_MISSING):
             report.missing.append(key)
     if strict and not report.ok:
-        raise WeightsMismatchError(
-            f"weights in {name} ({src} format) do not fit the model: {report.summary()}; if this is "
-            f"intended (e.g. a new classifier) list the keys to skip in model.pretrained_ignore, e.g. ['fc.*']")
+        hint = ("build the checkpoint's architecture (model.backbone, backbone_args, conv, plugins; only the "
+                "classifier may differ), or list the keys not to load in model.pretrained_ignore"
+                if new_head else "if this is intended (e.g. a new classifier) list the keys to skip in "
+                "model.pretrained_ignore, e.g. ['fc.*']")
+        raise WeightsMismatchError(f"weights in {name} ({src} format) do not fit the model{_trained_as(checkpoint)}: "
+                                   f"{report.summary()}; {hint}")
     model.load_state_dict(to_load, strict=False)
     report.loaded = len(to_load)
     return report
