@@ -6,7 +6,7 @@ import torch
 
 import blocks
 from models import build_model
-from benchmarks import benchmark, harness
+from benchmarks import benchmark, checks, harness
 
 TINY = benchmark.SUITES["tiny"]
 
@@ -124,3 +124,32 @@ def test_bench_blocks_refuses_an_unknown_model():
     with pytest.raises(SystemExit) as exc:
         bench_blocks.main(["--sections", "b", "--models", "ce_resnet5O"])
     assert exc.value.code == 2
+
+
+class _Breaks(torch.nn.Module):
+    """A forward with one graph break (a tensor value read into Python) in our own file."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum().item() > 0:  # the break: dynamo cannot trace .item() by default
+            y = y * 2
+        return y.flatten(1)
+
+
+def test_graph_breaks_are_counted_and_explained():
+    # torch._dynamo.explain can record a break reason while its graph_break_count stays 0: the row
+    # said "0 breaks, ok" for a model that breaks, and named no reason
+    import argparse
+    entry = benchmark.Entry("breaks", {"backbone": "cifar_resnet20"}, input_size=4)
+    entry.model = _Breaks()
+    args = argparse.Namespace(channels_last=False, batch_size=1, precision="fp32")
+    rows = checks.graph_breaks([entry], args, torch.device("cpu"))
+    assert [r["mode"] for r in rows] == ["train", "eval"]
+    for r in rows:
+        assert not r["ok"] and r["breaks"] >= 1, r
+        assert any("item()" in reason and "test_benchmark_tool.py:" in reason for reason in r["reasons"]), r
+    assert "item()" in checks.breaks_table(rows)
