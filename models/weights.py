@@ -30,6 +30,7 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
     mismatched: list = field(default_factory=list)   # (key, checkpoint shape, model shape)
     ignored: list = field(default_factory=list)
+    unused: list = field(default_factory=list)       # keys of modules a features-only model dropped (the head)
 
     @property
     def ok(self):
@@ -43,6 +44,9 @@ class LoadReport:
         parts = [f"{len(v)} {n} ({few(v)})" for n, v in
                  (("missing", self.missing), ("unexpected", self.unexpected),
                   ("of the wrong shape", self.mismatched)) if v]
+        if self.unused and not parts:
+            return f"all {self.loaded} tensors matched; {len(self.unused)} unused by the features-only model " \
+                   f"({few(self.unused)})"
         return "; ".join(parts) if parts else f"all {self.loaded} tensors matched"
 
 
@@ -108,9 +112,12 @@ def load_weights(model, checkpoint, strict=True, source="auto", ignore=()):
     own = model.state_dict()
     report = LoadReport(source=src)
     to_load = {}
+    dropped = tuple(m + "." for m in getattr(model, "dropped_modules", ()))  # models.features.to_features
     for key, value in state_dict.items():
         if any(fnmatch.fnmatch(key, pat) for pat in ignore):
             report.ignored.append(key)
+        elif key not in own and key.startswith(dropped):
+            report.unused.append(key)
         elif key not in own:
             report.unexpected.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
