@@ -254,3 +254,13 @@ def test_faster_rcnn_with_fpn_trains_and_infers_on_our_backbones(block):
     for d in detections:
         n = len(d["scores"])
         assert d["boxes"].shape == (n, 4) and d["labels"].shape == (n,) and torch.isfinite(d["boxes"]).all()
+
+
+def test_the_classification_trainer_refuses_a_features_only_model(tmp_path):
+    from engine.config import load_config
+    from engine.trainer import Trainer
+    cfg = load_config(str(ROOT / "configs/default.yaml"),
+                      ["model.features_only=true", "model.out_indices=[1,2]", f"runtime.work_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="set model.features_only=false"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
