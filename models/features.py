@@ -11,6 +11,8 @@ defaults take the output as it is (``list(out.values())`` is timm's list).
 """
 from collections import OrderedDict
 
+import torch.nn as nn
+
 
 class FeatureInfo(list):
     """The backbone's feature maps (a list of dicts, timm-like) and the selected ``out_indices``.
@@ -103,4 +105,27 @@ class FeaturesMixin:
         return self
 
 
-__all__ = ["FeatureInfo", "FeaturesMixin", "check_out_indices"]
+class FPNBackbone(nn.Module):
+    """A features-only model plus torchvision's ``FeaturePyramidNetwork``: the backbone torchvision's
+    detection models take (``out_channels`` attribute, an OrderedDict of maps out).
+
+    torchvision's own ``BackboneWithFPN`` does the same around ``IntermediateLayerGetter``, which
+    calls a model's children in registration order instead of its ``forward``; this runs our forward.
+    ``extra_blocks`` defaults to a max-pooled extra level ('pool'), as torchvision's Faster R-CNN uses.
+    """
+
+    def __init__(self, body, out_channels=256, extra_blocks=None):
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+        if getattr(body, "out_indices", None) is None:
+            raise ValueError("FPNBackbone needs a features-only model: build_model(cfg, features_only=True, "
+                             "out_indices=[...])")
+        self.body, self.out_channels = body, out_channels
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels,
+                                         extra_blocks=LastLevelMaxPool() if extra_blocks is None else extra_blocks)
+
+    def forward(self, x):
+        return self.fpn(self.body(x))
+
+
+__all__ = ["FeatureInfo", "FeaturesMixin", "FPNBackbone", "check_out_indices"]

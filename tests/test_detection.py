@@ -6,14 +6,14 @@ import pathlib
 
 import pytest
 import torch
-import torch.nn as nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.feature_extraction import create_feature_extractor
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from engine.config import read_tree
 from engine.fields import ConfigError
 from models import BACKBONES, build_model, get_conv, validate_model_cfg
+from models.features import FPNBackbone
 from models.plugins import parse_plugins
 from models.weights import WeightsMismatchError, load_weights
 
@@ -202,16 +202,23 @@ def test_traced_models_branch_at_call_time():
 
 # ------------------------------------------------------------------------------ torchvision Faster R-CNN + FPN
 
-class FPNBackbone(nn.Module):
-    """torchvision's BackboneWithFPN with our features-only forward in place of IntermediateLayerGetter."""
-
-    def __init__(self, body, out_channels=256):
-        super().__init__()
-        self.body, self.out_channels = body, out_channels
-        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool())
-
-    def forward(self, x):
-        return self.fpn(self.body(x))
+def test_torchvision_backbone_with_fpn_takes_our_resnets_too():
+    """torchvision's IntermediateLayerGetter runs a ResNet's children in order: ours are registered in the
+    order forward runs them (stem plug-ins between bn1 and relu), so it gets the same maps as our forward."""
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet18", "plugins": [{"type": "ce", "stem": True}, {"type": "se"}]}).eval()
+    info, idx = model.feature_info, [1, 2, 3, 4]
+    tv = BackboneWithFPN(model, {m: str(k) for k, m in enumerate(info.module_name(idx))}, info.channels(idx), 32).eval()
+    ours = FPNBackbone(build_model({"backbone": "resnet18", "plugins": [{"type": "ce", "stem": True}, {"type": "se"}]},
+                                   features_only=True, out_indices=idx), 32).eval()
+    load_weights(ours, tv.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, got = tv(x), ours(x)
+    assert list(got) == list(ref) == ["0", "1", "2", "3", "pool"]
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    with pytest.raises(ValueError, match="needs a features-only model"):
+        FPNBackbone(model)
 
 
 BLOCK_PARAM = {"ce": "layer2.0.ce.theta", "ed": "layer2.0.ed.encoder_conv.weight",
