@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 import torch
+import torchvision
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -147,6 +148,8 @@ def test_a_classification_checkpoint_loads_into_a_features_model_with_the_head_r
     with torch.no_grad():
         ref, got = full.forward_stages(x, [1, 2]), feats(x)
     assert all(torch.equal(ref[k], got[k]) for k in ("0", "1"))
+    tv = load_weights(build_model({"backbone": "resnet18"}, features_only=True), torchvision.models.resnet18().state_dict())
+    assert tv.ok and tv.unused == ["fc.weight", "fc.bias"]
     bad = {k: v for k, v in full.state_dict().items() if k != "layer2.0.conv1.weight"}
     with pytest.raises(WeightsMismatchError, match="layer2.0.conv1.weight"):  # what the maps need stays strict
         load_weights(feats, bad)
@@ -271,3 +274,13 @@ def test_the_classification_trainer_refuses_a_features_only_model(tmp_path):
     with pytest.raises(ConfigError, match="set model.features_only=false"):
         Trainer(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_detection_example_runs():
+    import re
+    section = (ROOT / "README.md").read_text().split("### Backbones for detection and segmentation", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section.split("\n### ", 1)[0], re.S).group(1)
+    scope = {}
+    torch.manual_seed(0)
+    exec(code, scope)
+    assert all(torch.isfinite(v) for v in scope["losses"].values()) and len(scope["detections"]) == 2
