@@ -35,12 +35,13 @@ def _nearest(name, names):
 def build_model(model_cfg, features_only=None, out_indices=None):
     """Build the model a ``model`` config section describes (validated first).
 
-    ``features_only`` / ``out_indices`` override the section's keys: the model then returns the
+    ``features_only`` / ``out_indices`` override the section's keys (``out_indices`` alone implies
+    ``features_only=True``): the model then returns the
     feature maps at ``out_indices`` (an OrderedDict '0', '1', ...; see ``models.features``), e.g.
     ``build_model(load_config(path).model, features_only=True, out_indices=[1, 2, 3, 4])``.
     """
-    if features_only is not None or out_indices is not None:
-        model_cfg = dict(model_cfg, features_only=bool(features_only or _get(model_cfg, "features_only")))
+    if features_only is not None or out_indices is not None:  # out_indices alone implies features_only
+        model_cfg = dict(model_cfg, features_only=True if features_only is None else features_only)
         if out_indices is not None:
             model_cfg["out_indices"] = list(out_indices)
     validate_model_cfg(model_cfg, build=False)

@@ -76,8 +76,11 @@ class FeaturesMixin:
 
         Python control flow on indices only, so torch.fx traces it as eager runs it.
         """
-        indices = tuple(range(len(self.feature_info))) if indices is None and self.out_indices is None \
-            else self.out_indices if indices is None else tuple(indices)
+        if indices is None:
+            indices = tuple(range(len(self.feature_info))) if self.out_indices is None else self.out_indices
+        elif self.out_indices is not None and max(indices) > max(self.out_indices):
+            raise ValueError(f"indices {list(indices)}: this features-only model keeps maps up to "
+                             f"{max(self.out_indices)} only")
         out = OrderedDict()
         for i in range(max(indices) + 1):
             x = self._feature_step(i, x)

@@ -155,6 +155,15 @@ def test_a_classification_checkpoint_loads_into_a_features_model_with_the_head_r
         load_weights(feats, bad)
 
 
+def test_build_model_keywords_override_the_config_section():
+    x = torch.randn(2, 3, 32, 32)
+    assert isinstance(build_model({"backbone": "resnet18", "features_only": True}, features_only=False)(x), torch.Tensor)
+    model = build_model({"backbone": "resnet18"}, out_indices=[2])  # out_indices alone implies features_only
+    assert list(model(x)) == ["0"] and model.feature_info.channels() == [128]
+    with pytest.raises(ValueError, match="keeps maps up to 2 only"):
+        model.forward_stages(x, [3])
+
+
 def test_classification_forward_is_unchanged_by_the_features_code():
     torch.manual_seed(0)
     model = build_model({"backbone": "resnet50", "num_classes": 5, "plugins": [{"type": "ce", "stem": True}]}).eval()
