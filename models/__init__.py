@@ -36,8 +36,8 @@ def build_model(model_cfg, features_only=None, out_indices=None):
     """Build the model a ``model`` config section describes (validated first).
 
     ``features_only`` / ``out_indices`` override the section's keys (``out_indices`` alone implies
-    ``features_only=True``): the model then returns the
-    feature maps at ``out_indices`` (an OrderedDict '0', '1', ...; see ``models.features``), e.g.
+    ``features_only=True``); a features-only model returns the maps at ``out_indices`` (an OrderedDict
+    '0', '1', ...; see ``models.features``), e.g.
     ``build_model(load_config(path).model, features_only=True, out_indices=[1, 2, 3, 4])``.
     """
     if features_only is not None or out_indices is not None:  # out_indices alone implies features_only
