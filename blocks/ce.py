@@ -97,6 +97,15 @@ def _group_size(channels, group_channels):
     return d
 
 
+@torch.fx.wrap
+def _ce_forward(block, x):
+    """CE's forward; torch.fx records it as one call, so the memory-format branch runs on real tensors."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return block._forward_nhwc(x)
+        return block._forward_nchw(x)
+
+
 
 class InstanceReweight(nn.Module):
     """IR branch gains y_n / s from per-sample channel variances (``AdaptiveReweight`` in CENet)."""
@@ -216,10 +225,7 @@ class CE(nn.Module):
         return wm, scale
 
     def forward(self, x):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-                return self._forward_nhwc(x)
-            return self._forward_nchw(x)
+        return _ce_forward(self, x)
 
     def _gains(self, var, scale, n):
         """IR's gains (1 - a) y / s as (N, C) and the mixing weight a = sigmoid(theta)."""

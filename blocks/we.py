@@ -55,6 +55,13 @@ def _is_compiling():
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+@torch.fx.wrap
+def _we_forward(conv, x):
+    """``WEConv2d.forward``; torch.fx records it as one call, so the device, grad-mode and cache
+    checks that pick the weight run at call time, not while tracing."""
+    return conv._conv_forward(x, conv._weight_for_call(), conv.bias)
+
+
 class _FC(nn.Module):
     """A fully connected layer of the LWE MLP.
 
@@ -235,14 +242,17 @@ class WEConv2d(nn.Conv2d):
         return w
 
     def forward(self, x):
+        return _we_forward(self, x)
+
+    def _weight_for_call(self):
         if self.training or torch.is_grad_enabled() or _is_compiling():
-            return self._conv_forward(x, self.excited_weight(), self.bias)
+            return self.excited_weight()
         # eval without autograd: reuse the excited weight while the parameters are unchanged
         # (an in-place update, load_state_dict or .to() changes a version, pointer or dtype)
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self._excite_params())
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.excited_weight())
-        return self._conv_forward(x, self._cache[1], self.bias)
+        return self._cache[1]
 
     def _excite_params(self):
         return [self.weight] + (list(self.lwe.parameters()) if self.lwe is not None else [])

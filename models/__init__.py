@@ -13,6 +13,7 @@ from blocks.registry import CONVS, check_options, get_block, get_conv
 from engine.fields import ConfigError
 
 from .cifar_resnet import CifarResNet, build_cifar_resnet
+from .features import FeatureInfo, check_out_indices
 from .finetune import apply_finetune, check_finetune_cfg
 from .mobilenetv2 import MobileNetV2, build_mobilenet_v2
 from .plugins import SPEC_KEYS, block_options, parse_plugins
@@ -32,8 +33,18 @@ def _nearest(name, names):
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def build_model(model_cfg):
-    """Build the model a ``model`` config section describes (validated first)."""
+def build_model(model_cfg, features_only=None, out_indices=None):
+    """Build the model a ``model`` config section describes (validated first).
+
+    ``features_only`` / ``out_indices`` override the section's keys (``out_indices`` alone implies
+    ``features_only=True``); a features-only model returns the maps at ``out_indices`` (an OrderedDict
+    '0', '1', ...; see ``models.features``), e.g.
+    ``build_model(load_config(path).model, features_only=True, out_indices=[1, 2, 3, 4])``.
+    """
+    if features_only is not None or out_indices is not None:  # out_indices alone implies features_only
+        model_cfg = dict(model_cfg, features_only=True if features_only is None else features_only)
+        if out_indices is not None:
+            model_cfg["out_indices"] = list(out_indices)
     validate_model_cfg(model_cfg, build=False)
     name = _get(model_cfg, "backbone")
     builder, _ = BACKBONES[name]
@@ -41,6 +52,9 @@ def build_model(model_cfg):
     conv = ConvFactory(_get(model_cfg, "conv", {"type": "plain"}))
     model = builder(name, conv, specs, int(_get(model_cfg, "num_classes", 1000)),
                     **dict(_get(model_cfg, "backbone_args", {}) or {}))
+    model.arch_name = name
+    if _get(model_cfg, "features_only"):
+        model.to_features(_get(model_cfg, "out_indices"))
     return apply_finetune(model, int(_get(model_cfg, "frozen_stages", -1)),
                           bool(_get(model_cfg, "norm_eval", False)))
 
@@ -83,6 +97,7 @@ def validate_model_cfg(model_cfg, build=True):
                    "model.conv")
     _validate_plugins(_get(model_cfg, "plugins", []) or [], name, cls)
     check_finetune_cfg(model_cfg, name, cls)
+    _validate_features(model_cfg, name)
     if build:
         try:
             with torch.device("meta"):
@@ -90,6 +105,26 @@ def validate_model_cfg(model_cfg, build=True):
         except (ValueError, TypeError, RuntimeError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model: {name} cannot be built with this config: {first}") from None
+
+
+def _validate_features(model_cfg, name):
+    features_only, out_indices = _get(model_cfg, "features_only", False), _get(model_cfg, "out_indices")
+    if not isinstance(features_only, bool):
+        raise ConfigError(f"model.features_only={features_only!r} must be true or false")
+    if out_indices is not None and not features_only:
+        raise ConfigError(f"model.out_indices={out_indices!r} selects feature maps, which only a "
+                          f"features-only model returns; set model.features_only: true or remove out_indices")
+    if out_indices is not None:
+        try:
+            with torch.device("meta"):
+                info = BACKBONES[name][0](name, ConvFactory({"type": "plain"}), [], 10,
+                                          **dict(_get(model_cfg, "backbone_args", {}) or {})).feature_info
+        except (ValueError, TypeError):
+            return  # bad backbone_args: the build below says so
+        try:
+            check_out_indices(out_indices, info, name)
+        except ValueError as e:
+            raise ConfigError(f"model.{e}") from None
 
 
 def _validate_plugins(plugins, backbone, cls):
@@ -162,4 +197,4 @@ def check_input_size(model_cfg, input_size):
                                   f"or raise data.input_size")
 
 
-__all__ = ["build_model", "validate_model_cfg", "check_input_size", "BACKBONES", "get_conv"]
+__all__ = ["FeatureInfo", "build_model", "validate_model_cfg", "check_input_size", "BACKBONES", "get_conv"]

@@ -8,6 +8,7 @@ subsampling), giving its parameter counts (ResNet-20: 0.27M, ResNet-110: 1.7M);
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .features import FeatureInfo, FeaturesMixin
 from .plugins import attach_stem, init_backbone
 from .resnet import BasicBlock, kaiming_init
 
@@ -24,7 +25,9 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(FeaturesMixin, nn.Module):
+    """Features: 0 the stem after its activation (16 channels, stride 1), 1-3 layer1-3 (strides 1, 2, 4)."""
+
     places = ("after_norm", "parallel", "stem")
     num_stages = 3
     head_prefix = "fc."  # the classifier's keys: re-initialised when fine-tuning to another class count
@@ -56,15 +59,29 @@ class CifarResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
+        self.feature_info = FeatureInfo([dict(index=0, module="relu", num_chs=16, reduction=1)] + [
+            dict(index=i, module=f"layer{i}", num_chs=c, reduction=2 ** (i - 1))
+            for i, c in enumerate((16, 32, 64), start=1)])
         init_backbone(self, kaiming_init)
 
-    def forward_features(self, x):
+    def _stem(self, x):
         x = self.bn1(self.conv1(x))
         for name in self.stem_plugins:
             x = getattr(self, name)(x)
-        return self.layer3(self.layer2(self.layer1(self.relu(x))))
+        return self.relu(x)
+
+    def forward_features(self, x):
+        return self.layer3(self.layer2(self.layer1(self._stem(x))))
+
+    def _feature_step(self, i, x):
+        return self._stem(x) if i == 0 else getattr(self, f"layer{i}")(x)
+
+    def _after_features(self, last):
+        return [f"layer{i}" for i in range(last + 1, 4)] + ["avgpool", "fc"]
 
     def forward(self, x):
+        if self.out_indices is not None:
+            return self.forward_stages(x)
         return self.fc(self.avgpool(self.forward_features(x)).flatten(1))
 
 

@@ -27,7 +27,8 @@ def stem_and_stages(model):
     """``[stem modules, stage 1 modules, ..., stage N modules]`` of a backbone (lists of modules)."""
     if isinstance(model, (ResNet, CifarResNet)):
         stem = [model.conv1, model.bn1] + [getattr(model, n) for n in model.stem_plugins]
-        return [stem] + [[getattr(model, f"layer{k}")] for k in range(1, model.num_stages + 1)]
+        return [stem] + [[getattr(model, f"layer{k}")] for k in range(1, model.num_stages + 1)
+                         if hasattr(model, f"layer{k}")]  # a features-only model may end early
     if isinstance(model, MobileNetV2):
         parts, start = [[model.features[0]]], 1
         for *_, n, _ in SETTINGS:

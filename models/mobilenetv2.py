@@ -9,6 +9,7 @@ its shortcuts are linear bottlenecks present only in some blocks.
 """
 import torch.nn as nn
 
+from .features import FeatureInfo, FeaturesMixin
 from .plugins import attach, attach_stem, init_backbone
 
 # t (expansion), c (channels), n (repeats), s (first stride), paper Table 2
@@ -71,7 +72,12 @@ def mbv2_init(m):
         nn.init.zeros_(m.bias)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(FeaturesMixin, nn.Module):
+    """Features as timm numbers them: the last block before each stride-2 stage and the last block
+    (``features.1/3/6/13/17``: 16, 24, 32, 96, 320 channels at width 1, strides 2, 4, 8, 16, 32);
+    the 1280-channel head conv is part of the classifier here.
+    """
+
     places = ("after_norm", "stem")
     num_stages = len(SETTINGS)
     head_prefix = "classifier.1."  # the classifier's keys: re-initialised for another class count
@@ -84,22 +90,40 @@ class MobileNetV2(nn.Module):
         self.last_channel = make_divisible(1280 * max(1.0, width_mult))
         stem = ConvNormAct(conv, in_chans, inp, 3, stride=2, role="stem")
         stem.plugins = attach_stem(stem, specs, inp)
-        features = [stem]
+        features, ends, reduction = [stem], [], 2  # ends: (index in features, channels, stride) of each map
         for stage, (t, c, n, s) in enumerate(SETTINGS, start=1):
             oup = make_divisible(c * width_mult)
+            if s == 2:
+                ends.append((len(features) - 1, inp, reduction))
+                reduction *= 2
             for i in range(n):
                 features.append(InvertedResidual(conv, inp, oup, s if i == 0 else 1, t, specs, stage))
                 inp = oup
+        ends.append((len(features) - 1, inp, reduction))
         features.append(ConvNormAct(conv, inp, self.last_channel, 1, role="head"))
         self.features = nn.Sequential(*features)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes))
+        self.feature_info = FeatureInfo([dict(index=k, module=f"features.{j}", num_chs=ch, reduction=r)
+                                         for k, (j, ch, r) in enumerate(ends)])
+        self._feature_ends = [j for j, _, _ in ends]
         init_backbone(self, mbv2_init)
 
     def forward_features(self, x):
         return self.features(x)
 
+    def _feature_step(self, i, x):
+        for j in range(self._feature_ends[i - 1] + 1 if i else 0, self._feature_ends[i] + 1):
+            x = self.features[j](x)
+        return x
+
+    def _after_features(self, last):
+        return [f"features.{j}" for j in range(self._feature_ends[last] + 1, len(self.features))] + \
+            ["avgpool", "classifier"]
+
     def forward(self, x):
+        if self.out_indices is not None:
+            return self.forward_stages(x)
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 

@@ -7,6 +7,7 @@ its last norm (CE, SE) and a parallel path from the shortcut output (ED).
 """
 import torch.nn as nn
 
+from .features import FeatureInfo, FeaturesMixin
 from .plugins import attach, attach_stem, branch_width, init_backbone
 
 
@@ -75,8 +76,11 @@ def kaiming_init(m):
         nn.init.zeros_(m.bias)
 
 
-class ResNet(nn.Module):
+class ResNet(FeaturesMixin, nn.Module):
     """ImageNet ResNet/ResNeXt; any input size (adaptive pooling).
+
+    Features (``feature_info``, timm's numbering): 0 the stem after its activation (64 channels,
+    stride 2), 1-4 the outputs of layer1-4 (strides 4, 8, 16, 32).
 
     ``zero_init_residual`` zeroes the last BN gamma of every residual branch (Goyal et al. 2017);
     ``zero_init_bias`` zeroes every bias, as ED-Net initialises its models (PyTorch's default
@@ -103,6 +107,9 @@ class ResNet(nn.Module):
             setattr(self, f"layer{i + 1}", self._make_layer(block, conv, planes, n, stride, specs, i + 1))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.feature_info = FeatureInfo([dict(index=0, module="relu", num_chs=64, reduction=2)] + [
+            dict(index=i, module=f"layer{i}", num_chs=c * block.expansion, reduction=2 ** (i + 1))
+            for i, c in enumerate((64, 128, 256, 512), start=1)])
         init_backbone(self, kaiming_init)
         if zero_init_residual:
             for m in self.modules():
@@ -126,14 +133,27 @@ class ResNet(nn.Module):
             layers.append(block(conv, out, planes, 1, None, specs, stage, self.groups, self.base_width))
         return nn.Sequential(*layers)
 
-    def forward_features(self, x):
+    def _stem(self, x):
         x = self.bn1(self.conv1(x))
         for name in self.stem_plugins:
             x = getattr(self, name)(x)
-        x = self.maxpool(self.relu(x))
+        return self.relu(x)
+
+    def forward_features(self, x):
+        x = self.maxpool(self._stem(x))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def _feature_step(self, i, x):
+        if i == 0:
+            return self._stem(x)
+        return getattr(self, f"layer{i}")(self.maxpool(x) if i == 1 else x)
+
+    def _after_features(self, last):
+        return ([] if last else ["maxpool"]) + [f"layer{i}" for i in range(last + 1, 5)] + ["avgpool", "fc"]
+
     def forward(self, x):
+        if self.out_indices is not None:
+            return self.forward_stages(x)
         return self.fc(self.avgpool(self.forward_features(x)).flatten(1))
 
 

@@ -18,6 +18,10 @@ MODEL_SCHEMA = {
                      "stages: [1, 2, 3], stem: false, <block options>}]"),
 }
 MODEL_SCHEMA.update({
+    "features_only": Field(False, "the model returns feature maps for dense prediction (an OrderedDict '0', "
+                           "'1', ... of the maps at out_indices; no classifier), see README 'Backbones for detection'"),
+    "out_indices": Field(None, "features_only: which maps, increasing, e.g. [1, 2, 3, 4] for ResNet strides "
+                         "4-32 (0 = the stem); null = all of the backbone's feature_info", type=list, nullable=True),
     "pretrained": Field(None, "weights to start from: a path, a model-zoo name or a URL (ours, torchvision's, "
                         "or the CENet / ED-Net / WE repositories' checkpoints)", type=str, nullable=True),
     "pretrained_ignore": Field([], "glob patterns of model keys to leave at their initialisation instead of "

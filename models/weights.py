@@ -34,6 +34,7 @@ class LoadReport:
     mismatched: list = field(default_factory=list)   # (key, checkpoint shape, model shape)
     ignored: list = field(default_factory=list)
     reinitialised: list = field(default_factory=list)  # (key, checkpoint shape or None, model shape)
+    unused: list = field(default_factory=list)       # keys of modules a features-only model dropped (the head)
 
     @property
     def ok(self):
@@ -54,9 +55,12 @@ class LoadReport:
                   ("of the wrong shape", self.mismatched)) if v]
         if parts:
             return "; ".join(parts)
+        unused = (f"; {len(self.unused)} unused by the features-only model ({few(self.unused)})"
+                  if self.unused else "")
         if not self.skipped:
-            return f"all {self.loaded} tensors matched"
-        return f"{self.loaded} tensors loaded; skipped {len(self.skipped)}: " + "; ".join(self.skipped_reasons())
+            return f"all {self.loaded} tensors matched" + unused
+        return (f"{self.loaded} tensors loaded; skipped {len(self.skipped)}: " + "; ".join(self.skipped_reasons())
+                + unused)
 
     def skipped_reasons(self):
         """One entry per skipped key, each saying why (all of them: the report must be exact)."""
@@ -153,11 +157,14 @@ def load_weights(model, checkpoint, strict=True, source="auto", ignore=(), new_h
         report.reinitialised.append((key, tuple(state_dict[key].shape) if key in state_dict else None,
                                      tuple(own[key].shape)))
     to_load = {}
+    dropped = tuple(m + "." for m in getattr(model, "dropped_modules", ()))  # models.features.to_features
     for key, value in state_dict.items():
         if key in head:
             continue
         if any(fnmatch.fnmatch(key, pat) for pat in ignore):
             report.ignored.append(key)
+        elif key not in own and key.startswith(dropped):
+            report.unused.append(key)
         elif key not in own:
             report.unexpected.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
