@@ -281,6 +281,20 @@ def test_channels_last_inference_equals_nchw(dtype):
     torch.testing.assert_close(out, autograd_path.detach(), **tol)
 
 
+def test_wide_channels_last_matches_nchw():
+    # from 1024 channels the per-sample matmul writes a contiguous result and copies it (another code path)
+    m, m2 = make(1024, 16), make(1024, 16)
+    x = batch(2, 1024, 3, 3, seed=6)
+    xa, xb = x.clone().requires_grad_(), x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    go = torch.randn_like(x)
+    (m(xa) * go).sum().backward()
+    (m2(xb) * go).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-10)
+    m.eval(), m2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m2(x.contiguous(memory_format=torch.channels_last)), rtol=1e-10, atol=1e-10)
+
+
 class _Allocations(TorchDispatchMode):
     """Counts the aten ops that write a new tensor of at least ``numel`` elements (views excluded)."""
 
