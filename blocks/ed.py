@@ -136,16 +136,16 @@ def crop_to(y, x):
 def decode_to(conv, e, x):
     """Transposed conv ``conv`` of ``e`` sized back to ``x``'s height and width.
 
-    Eager and torch.export/torch.compile: ``output_size=`` picks the output padding (0 for an odd
-    side, 1 for an even one); torch.export keeps that symbolic. torch.jit.trace (TorchScript and
-    the legacy ONNX exporter) would fix that padding at the traced size, so a file made at one
-    size failed at sizes of the other parity; traced, the decoder runs on ``e`` padded by one zero
-    row and column at the bottom/right (2 * ceil(s / 2) + 1 > s rows for a side s; a zero input
-    row adds nothing to the rows kept) and is cropped to s with a slice, which the tracer records
-    on the input's shape. Both give the same values (up to float summation order); the eager
-    path does not pay for the padded row, and FLOP counts see the transposed conv at x's size.
+    Eager (and torch.compile): ``output_size=`` picks the output padding, 0 for an odd side and 1
+    for an even one. Traced or exported, that padding would be fixed at the traced size (TorchScript
+    and legacy ONNX files made at one size failed at sizes of the other parity) or not convertible
+    (the dynamo ONNX exporter); there the decoder runs on ``e`` padded by one zero row and column at
+    the bottom/right (2 * ceil(s / 2) + 1 > s rows for a side s; a zero input row adds nothing to
+    the rows kept) and is cropped to s by a slice recorded on x's shape. Both give the same values
+    (up to float summation order); eager does not pay for the padded row, and FLOP counts see the
+    transposed conv at x's size.
     """
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
         return crop_to(conv(F.pad(e, (0, 1, 0, 1))), x)
     return conv(e, output_size=x.shape[-2:])
 
@@ -209,3 +209,8 @@ class ED(nn.Module):
 
     def extra_repr(self):
         return f"channels={self.channels}, hidden={self.hidden}, groups={self.groups}"
+
+    def deploy(self):
+        """Inference form: both BNs folded into their convs (blocks.deploy.EDInference)."""
+        from .deploy import EDInference
+        return EDInference(self)

@@ -66,3 +66,120 @@ def test_ed_traced_form_equals_eager_at_odd_and_even_sizes(train):
         eager = m.decoder_conv(e, output_size=x.shape[-2:])
         traced = crop_to(m.decoder_conv(torch.nn.functional.pad(e, (0, 1, 0, 1))), x)
         assert eager.shape == traced.shape and torch.allclose(eager, traced, rtol=0, atol=1e-13), hw
+
+
+# ----------------------------------------------------------------------------- the inference form
+import copy  # noqa: E402
+
+from models import build_model  # noqa: E402
+from models.inference import relative_error, to_inference  # noqa: E402
+
+CIFAR = {"backbone": "cifar_resnet20", "num_classes": 10}
+# the blocks with the options of their real configs (configs/ablation, configs/imagenet/*)
+BLOCKS = {
+    "plain": {},
+    "ce": {"plugins": [{"type": "ce", "position": "after_norm", "stages": [1, 2, 3], "stem": True}]},
+    "ed": {"plugins": [{"type": "ed", "position": "parallel", "groups": 4}]},
+    "we": {"conv": {"type": "we", "lwe": True, "mwe": True, "ws": False}},
+    "se": {"plugins": [{"type": "se", "position": "after_norm", "reduction": 16}]},
+    "ed_se": {"plugins": [{"type": "se", "position": "after_norm", "reduction": 16},
+                          {"type": "ed", "position": "parallel", "groups": 4}]},
+}
+
+
+def trained_like(model, seed=1):
+    """Non-trivial running statistics and affine parameters, as a trained model has (identity BNs and
+    an identity whitening matrix would hide folding mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.3, 0.3, generator=g)
+            if hasattr(m, "running_wm"):
+                d = m.running_wm.shape[-1]
+                m.running_wm.copy_(torch.eye(d) + 0.1 * torch.randn(m.running_wm.shape, generator=g))
+                m.ir.running_scale.fill_(1.7)
+                m.theta.fill_(0.3)
+    return model.eval()
+
+
+def build(cfg, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return trained_like(build_model(cfg).to(dtype))
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_inference_form_equals_eval_model_cifar(block):
+    model = build({**CIFAR, **BLOCKS[block]}, torch.float64)
+    before = copy.deepcopy(model.state_dict())
+    inf = to_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in inf.modules())  # every BN folded
+    assert inf.inference_summary["conv_bn_folded"] == 19
+    x = torch.randn(2, 3, 33, 31, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(inf(x), model(x)) < 1e-12
+    after = model.state_dict()  # the original is untouched
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("backbone,extra,size", [
+    ("resnet18", BLOCKS["ed_se"], 45),
+    ("resnet18", {"conv": {"type": "we", "lwe": True, "mwe": True}}, 40),
+    ("resnet50", {"plugins": [{"type": "ce", "stages": [1, 2, 3], "stem": True, "group_channels": 16,
+                               "newton_iters": 3}]}, 48),
+    ("mobilenet_v2", {"plugins": [{"type": "ce", "stem": True, "group_channels": 16,
+                                   "stem_group_channels": 32}]}, 40),
+])
+def test_inference_form_equals_eval_model_imagenet_backbones(backbone, extra, size):
+    model = build({"backbone": backbone, "num_classes": 10, **extra}, torch.float64)
+    inf = to_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in inf.modules())
+    assert not any(type(m).__name__ in ("CE", "ED", "WEConv2d") for m in inf.modules())
+    x = torch.randn(2, 3, size, size + 3, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(inf(x), model(x)) < 1e-12
+
+
+def test_ce_inference_equals_ce_eval_nchw_channels_last_and_1x1_maps():
+    from blocks.ce import CE
+    torch.manual_seed(0)
+    ce = CE(48, group_channels=16)
+    ce.train()(torch.randn(8, 48, 6, 6) * 2 + 1)  # real running statistics
+    ce.theta.data.fill_(-0.4)
+    ce.eval()
+    inf = ce.deploy()
+    for shape in ((3, 48, 7, 5), (2, 48, 1, 1), (2, 48, 1, 3)):
+        x = torch.randn(*shape) * 3 + 0.5
+        with torch.no_grad():
+            assert relative_error(inf(x), ce(x)) < 1e-6, shape
+            xc = x.contiguous(memory_format=torch.channels_last)
+            assert relative_error(inf(xc), ce(xc)) < 1e-6, shape
+
+
+def test_fold_bn_grouped_transposed_conv():
+    from blocks.deploy import fold_bn
+    torch.manual_seed(0)
+    conv = torch.nn.ConvTranspose2d(16, 32, 3, stride=2, padding=1, groups=4, bias=True).double()
+    bn = trained_like(torch.nn.Sequential(torch.nn.BatchNorm2d(32))).double()[0]
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(fold_bn(conv, bn)(x, output_size=(9, 10)), bn(conv(x, output_size=(9, 10)))) < 1e-13
+
+
+def test_bn_not_folded_when_the_conv_output_is_used_twice():
+    class TwoUses(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    m = trained_like(TwoUses())
+    inf = to_inference(m)
+    assert isinstance(inf.bn, torch.nn.BatchNorm2d) and inf.inference_summary["conv_bn_folded"] == 0
