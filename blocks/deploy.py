@@ -8,8 +8,8 @@ torch.export see the computation eager runs:
 
 * ``WEConv2d.deploy()`` -> ``nn.Conv2d`` with the excited weight (``WEConv2d.to_plain``);
 * ``CE.deploy()`` -> :class:`CEInference`: BD with the running whitening matrix is a fixed linear
-  map, a grouped 1x1 conv with weight sigmoid(theta) * running_wm; IR's gains depend on each
-  sample's channel variances, so the IR MLP stays and scales x per sample and channel;
+  map (sigmoid(theta) * running_wm, the weight of a grouped 1x1 conv), stored once; IR's gains depend
+  on each sample's channel variances, so the IR MLP stays and adds them on the diagonal;
 * ``ED.deploy()`` -> :class:`EDInference`: both BNs folded into their (transposed) convs.
 
 :func:`fold_bn` folds an eval BatchNorm into the conv that feeds it (exact up to rounding).
@@ -58,13 +58,17 @@ def fold_bn(conv, bn):
 
 
 class CEInference(nn.Module):
-    """CE in eval (``CE.deploy()``): a * running_wm as a fixed grouped 1x1 conv plus IR's gains.
+    """CE in eval (``CE.deploy()``): the BD matrix a * running_wm as a constant, IR's gains on its diagonal.
 
     Per sample n, CE's eval output is W_n x with W_n = a P + diag((1 - a) y_n / s) per group
-    (a = sigmoid(theta), P = running_wm, s = running_scale, y_n = IR MLP of x_n's channel variances):
-    here ``conv1x1(x; a P, groups=g) + x * (y_n * (1 - a) / s)``. Statistics in float32 (float64
-    for float64 input) as CE; the variance divides by max(H*W - 1, 1) taken from a tensor, so
-    traced/exported files keep it symbolic.
+    (a = sigmoid(theta), P = running_wm, s = running_scale, y_n = IR MLP of x_n's channel variances).
+    a P is fixed at eval and stored (``bd``, the weight of a grouped 1x1 conv); IR's part depends on
+    the sample, so W_n is built per sample and applied with one batched matmul, as CE does. A grouped
+    conv for a P plus a separate ``x * gain`` term was measured slower (one more activation-sized pass).
+    Statistics in float32 (float64 for float64 input) as in CE. Unlike CE's eval forward, which exports
+    right only through torch.export (torch.diag_embed has no ONNX op; a trace at a 1x1 map fixes
+    max(H*W - 1, 1)), every step here is an ONNX op and H*W - 1 comes from a tensor, so traced files
+    stay right at every input size.
     """
 
     def __init__(self, ce):
@@ -74,19 +78,22 @@ class CEInference(nn.Module):
         sdt = torch.float64 if ce.running_wm.dtype == torch.float64 else torch.float32
         with torch.no_grad():
             a = torch.sigmoid(ce.theta.detach().to(sdt))
-            self.register_buffer("bd_weight", (a * ce.running_wm.to(sdt)).reshape(g * d, d, 1, 1).clone())
+            self.register_buffer("bd", (a * ce.running_wm.to(sdt)).clone())                 # (g, d, d)
             self.register_buffer("ir_factor", ((1 - a) / ce.ir.running_scale.to(sdt)).clone())
+            self.register_buffer("eye", torch.eye(d, dtype=sdt))
         self.ir = copy.deepcopy(ce.ir).eval()  # fc1 -> LayerNorm -> ReLU -> fc2 -> sigmoid
         self.ir.requires_grad_(False)
 
     def forward(self, x):
-        sdt = self.bd_weight.dtype
-        xs = x.to(sdt)
-        ones = torch.ones_like(xs[:1, :1])                      # (1, 1, H, W): H*W as a tensor
-        var = (xs - xs.mean((2, 3), keepdim=True)).square().sum((2, 3)) / (ones.sum() - 1).clamp_min(1)
+        sdt = self.bd.dtype
+        xf = x.flatten(2)                                                     # (n, c, hw)
+        hw_minus_1 = torch.ones_like(xf[:1, :1], dtype=sdt).sum() - 1
+        var = torch.linalg.vector_norm(xf - xf.mean(2, keepdim=True, dtype=sdt), dim=2).square()
+        var = var / hw_minus_1.clamp_min(1)                                   # unbiased; biased at 1x1 as CE
         gain = self.ir.gains(var.to(self.ir.fc1.weight.dtype)).to(sdt) * self.ir_factor
-        bd = F.conv2d(x, self.bd_weight.to(x.dtype), groups=self.num_groups)
-        return bd + x * gain.to(x.dtype)[:, :, None, None]
+        mix = self.bd + gain.unflatten(1, (self.num_groups, self.group_channels)).unsqueeze(-1) * self.eye
+        out = torch.matmul(mix.to(x.dtype), xf.unflatten(1, (self.num_groups, self.group_channels)))
+        return out.reshape(x.shape)                                          # contiguous NCHW
 
     def extra_repr(self):
         return f"{self.channels}, groups={self.num_groups}x{self.group_channels}"

@@ -330,3 +330,18 @@ def test_deploy_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     rc, err = _main([CE_CONFIG, ckpt, "--format", "torchscript", "--out", str(out)], capsys)
     assert rc == 1 and "differ from eager eval" in err and "nothing written" in err
     assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["ce.pth", "m.pt"]
+
+
+def test_ce_inference_traced_on_1x1_maps_runs_right_on_larger_ones():
+    """CE's eval forward divides by max(H*W - 1, 1), a Python int a trace at a 1x1 map fixes to 1
+    (a MobileNetV2 traced at 32 px); CEInference takes H*W - 1 from a tensor."""
+    from blocks.ce import CE
+    torch.manual_seed(0)
+    ce = CE(32, group_channels=16)
+    ce.train()(torch.randn(8, 32, 4, 4))
+    ce.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(ce.deploy(), (torch.randn(2, 32, 1, 1),), check_trace=False)
+        x = torch.randn(2, 32, 3, 3)
+        assert relative_error(traced(x), ce(x)) < 1e-6
