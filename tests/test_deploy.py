@@ -345,3 +345,14 @@ def test_ce_inference_traced_on_1x1_maps_runs_right_on_larger_ones():
         traced = torch.jit.trace(ce.deploy(), (torch.randn(2, 32, 1, 1),), check_trace=False)
         x = torch.randn(2, 32, 3, 3)
         assert relative_error(traced(x), ce(x)) < 1e-6
+
+
+def test_folded_we_weights_load_strictly_into_the_plain_config():
+    from models.weights import load_weights
+    we = build({**CIFAR, **BLOCKS["we"]})
+    inf = to_inference(we, fold_bn=False)  # WE folded only: the plain backbone's keys
+    plain = build_model(CIFAR).eval()
+    assert load_weights(plain, inf.state_dict()).ok
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(plain(x), we(x)) < 1e-5

@@ -167,10 +167,15 @@ def deploy(args):
     in_chans = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(n, in_chans, h, w, generator=gen) for n, h, w in check_shapes(args.batch, size, args.dynamic)]
-    with torch.no_grad():
-        eager = [model(x) for x in inputs]
-        inf = to_inference(model)
-        fold_err = max(relative_error(inf(x), ref) for x, ref in zip(inputs, eager))
+    try:
+        with torch.no_grad():
+            eager = [model(x) for x in inputs]
+            inf = to_inference(model)
+            fold_err = max(relative_error(inf(x), ref) for x, ref in zip(inputs, eager))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeployError(f"the model does not run at inputs {[tuple(x.shape) for x in inputs]}: {first[:300]}; "
+                          f"change --input-size") from None
     what = ", ".join(f"{v} {k}" for k, v in sorted(inf.inference_summary.items()) if k != "conv_bn_folded")
     print(f"inference form: {inf.inference_summary['conv_bn_folded']} conv+BN folded"
           + (f", replaced {what}" if what else "") + f"; relative error vs the eval model {fold_err:.1e}")
