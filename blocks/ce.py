@@ -182,6 +182,11 @@ class CE(nn.Module):
                 f"newton_iters={self.newton_iters}, pooling={self.pooling}, momentum={self.momentum}, "
                 f"eps={self.eps}, sync_stats={self.sync_stats}")
 
+    def deploy(self):
+        """Inference form of the eval block: BD as a fixed grouped 1x1 conv (blocks.deploy.CEInference)."""
+        from .deploy import CEInference
+        return CEInference(self)
+
     def _batch_stats(self, x, gram, sums_c, shift, var):
         """Whitening matrix P_T (g, d, d) and IR scale s of the batch; updates the running buffers.
 

@@ -16,8 +16,9 @@ initialised as the original does (Kaiming normal, fan-out; its
 weight 1 / bias 0 (the decoder BN is *not* zero-initialised).
 
 Differences from the original, on purpose:
-* the decoder's output padding is derived from the input size at run time, so
-  the output always matches the input (any size, odd sizes included); the
+* the decoder's output padding is derived from the input size at run time
+  (``decode_to``), so the output always matches the input (any size, odd sizes
+  included, also in exported ONNX/TorchScript/torch.export files); the
   original hard-codes ``output_padding=1`` (0 in stage 4), so only 224x224
   inputs work there;
 * the original evaluates the shortcut twice; the backbone here computes it once.
@@ -45,7 +46,9 @@ derived here; the derivation and GFLOPs are in ``docs/ed_variants.md``):
 """
 import math
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .registry import Option, register_block
 
@@ -125,6 +128,28 @@ def a_width(width, reduction=4, groups=32):
     return (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
 
 
+def crop_to(y, x):
+    """``y`` cut to ``x``'s height and width (its top-left part), as a slice that traces symbolically."""
+    return y[:, :, :x.shape[-2], :x.shape[-1]]
+
+
+def decode_to(conv, e, x):
+    """Transposed conv ``conv`` of ``e`` sized back to ``x``'s height and width.
+
+    Eager (and torch.compile): ``output_size=`` picks the output padding, 0 for an odd side and 1
+    for an even one. Traced or exported, that padding would be fixed at the traced size (TorchScript
+    and legacy ONNX files made at one size failed at sizes of the other parity) or not convertible
+    (the dynamo ONNX exporter); there the decoder runs on ``e`` padded by one zero row and column at
+    the bottom/right (2 * ceil(s / 2) + 1 > s rows for a side s; a zero input row adds nothing to
+    the rows kept) and is cropped to s by a slice recorded on x's shape. Both give the same values
+    (up to float summation order); eager does not pay for the padded row, and FLOP counts see the
+    transposed conv at x's size.
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return crop_to(conv(F.pad(e, (0, 1, 0, 1))), x)
+    return conv(e, output_size=x.shape[-2:])
+
+
 @register_block("ed", positions=("parallel",))
 class ED(nn.Module):
     """Encoder-decoder path: stride-2 grouped 3x3 conv C->p + BN + ReLU, then a
@@ -160,8 +185,7 @@ class ED(nn.Module):
 
     def forward(self, x):
         e = self.relu(self.encoder_bn(self.encoder_conv(x)))
-        # output_size picks the output padding (0 or 1 per side) that restores x's size
-        return self.decoder_bn(self.decoder_conv(e, output_size=x.shape[-2:]))
+        return self.decoder_bn(decode_to(self.decoder_conv, e, x))
 
     @classmethod
     def branch_width(cls, width, stage, groups=32, reduction=4, variant=None):
@@ -185,3 +209,8 @@ class ED(nn.Module):
 
     def extra_repr(self):
         return f"channels={self.channels}, hidden={self.hidden}, groups={self.groups}"
+
+    def deploy(self):
+        """Inference form: both BNs folded into their convs (blocks.deploy.EDInference)."""
+        from .deploy import EDInference
+        return EDInference(self)

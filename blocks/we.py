@@ -277,6 +277,10 @@ class WEConv2d(nn.Conv2d):
                 + (f", reduction={self.reduction}" if self.use_lwe else "")
                 + (f", mwe_margin={self.mwe_margin}" if self.use_mwe else ""))
 
+    def deploy(self):
+        """Inference form (models.inference.to_inference): the plain conv of ``to_plain``."""
+        return self.to_plain()
+
 
 def fold_we(model):
     """Replace every ``WEConv2d`` in ``model`` (in place) by a plain ``nn.Conv2d`` with its excited weight.
