@@ -293,3 +293,17 @@ def test_the_readme_detection_example_runs():
     torch.manual_seed(0)
     exec(code, scope)
     assert all(torch.isfinite(v) for v in scope["losses"].values()) and len(scope["detections"]) == 2
+
+
+def test_inference_form_traces_op_by_op():
+    # the README points fx passes that must see inside CE and WE to the inference form
+    from models.inference import to_inference
+    cfg = {"backbone": "resnet18", "num_classes": 10, "conv": {"type": "we"},
+           "plugins": [{"type": "ce", "stages": [1, 2, 3], "stem": True}]}
+    model = build_model(cfg).double().eval()
+    graph = torch.fx.symbolic_trace(to_inference(model))
+    opaque = [n.target.__name__ for n in graph.graph.nodes if n.op == "call_function"
+              and getattr(n.target, "__name__", "") in ("_ce_forward", "_we_forward")]
+    assert not opaque
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    torch.testing.assert_close(graph(x), model(x), rtol=1e-10, atol=1e-10)
