@@ -114,8 +114,14 @@ LAYOUTS = (("NCHW fp32", torch.contiguous_format, None), ("channels_last fp32", 
 
 
 def layout_steps(module, x, fmt, dtype, train):
-    """One step of ``module`` on ``x`` in memory format ``fmt`` under CPU autocast ``dtype`` (None: off)."""
+    """One step of ``module`` on ``x`` in memory format ``fmt`` under CPU autocast ``dtype`` (None: off).
+
+    ``train=True`` (a block): backward of a fixed output gradient in ``fmt``, as the layers after a block
+    send it in a network of that layout (a loss computed on the block's output would hand back an NCHW
+    gradient and time a layout conversion that no network makes); labels (a model): cross-entropy.
+    """
     x = x.contiguous(memory_format=fmt)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=fmt)
     amp = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else contextlib.nullcontext
 
     def step():
@@ -128,7 +134,10 @@ def layout_steps(module, x, fmt, dtype, train):
         module.zero_grad(set_to_none=True)
         with amp():
             out = module(x)
-        (out.float().square().mean() if train is True else F.cross_entropy(out.float(), train)).backward()
+        if train is True:
+            out.backward(grad.to(out.dtype))
+        else:
+            F.cross_entropy(out.float(), train).backward()
     return step
 
 
@@ -222,8 +231,9 @@ def layouts_main(args, argv):
             f.write("# CE block and CE-ResNet-50, CPU: NCHW vs channels_last, fp32 vs bf16 autocast\n\n")
             f.write(f"Command: `{cmd}`\n\ntorch {torch.__version__}, {platform.processor() or platform.machine()}; "
                     "the four variants of a row alternate (2 warm-up rounds, then median). CE train = forward + "
-                    "backward in training mode; eval = no-grad forward; the model step = forward + "
-                    "cross-entropy + backward (no optimizer).\n\n")
+                    "backward in training mode (of a fixed output gradient in the row's layout, as a network "
+                    "sends it); eval = no-grad forward; the model step = forward + cross-entropy + backward "
+                    "(no optimizer).\n\n")
             f.write("\n".join(sections))
 
 
