@@ -44,9 +44,8 @@ class Trainer:
         cfg, rt, tr = self.cfg, self.cfg.runtime, self.cfg.train
         if rt.work_dir is None:
             raise ConfigError("runtime.work_dir is not set; pass runtime.work_dir=DIR")
-        if cfg.model.get("features_only"):
-            raise ConfigError("model.features_only: true makes the model return feature maps (for detection or "
-                              "segmentation code); the trainer trains classifiers: set model.features_only=false")
+        from models.features import require_classifier
+        require_classifier(cfg.model, "the trainer")
         self.work_dir = rt.work_dir
         self.dist = du.init_distributed(cfg.dist, rt.device)
         self.log = setup_console(self.dist.rank)

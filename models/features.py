@@ -63,6 +63,14 @@ def check_out_indices(out_indices, info, backbone):
     return tuple(out_indices)
 
 
+def require_classifier(model_cfg, who):
+    """Refuse a features-only model section where ``who`` (the trainer, ./test.sh) needs class scores."""
+    from engine.fields import ConfigError
+    if model_cfg.get("features_only"):
+        raise ConfigError(f"model.features_only: true makes the model return feature maps (for detection or "
+                          f"segmentation code); {who} needs a classifier: set model.features_only=false")
+
+
 class FeaturesMixin:
     """Stage outputs of a backbone. The backbone defines ``feature_info`` (a :class:`FeatureInfo`),
     ``_feature_step(i, x)`` (map ``i`` from map ``i - 1``, or from the input for ``i = 0``) and

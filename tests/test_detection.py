@@ -285,6 +285,17 @@ def test_the_classification_trainer_refuses_a_features_only_model(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_test_sh_refuses_a_features_only_model(tmp_path, capsys):
+    # ./test.sh used to end in a traceback ('OrderedDict' object has no attribute 'float')
+    from tools import test as test_tool
+    out = tmp_path / "result.json"
+    rc = test_tool.run([str(ROOT / "configs/default.yaml"), "ce_cifar_resnet20_digits", "model.features_only=true",
+                        "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "set model.features_only=false" in err[0], err
+    assert not out.exists()
+
+
 def test_the_readme_detection_example_runs():
     import re
     section = (ROOT / "README.md").read_text().split("### Backbones for detection and segmentation", 1)[1]

@@ -48,7 +48,9 @@ def evaluate_checkpoint(cfg, spec, ema=False):
     from engine.evaluator import evaluate
     from engine.hub import resolve_checkpoint
     from models import build_model
+    from models.features import require_classifier
     from models.weights import load_weights
+    require_classifier(cfg.model, "./test.sh (top-1/top-5 evaluation)")
     info = du.init_distributed(cfg.dist, cfg.runtime.device)
     dataset = data_lib.build_dataset(cfg.data, "val", num_classes=cfg.model.num_classes)
     loader = data_lib.build_loader(dataset, cfg.data, "val", max(cfg.eval.batch_size // info.world_size, 1),
