@@ -323,3 +323,41 @@ def test_list_file_dataset_fine_tunes_too(tmp_path, folder, checkpoints):
     assert t.pretrained[1].skipped == ["fc.weight", "fc.bias"] and len(t.train_set) == 12
     result = t.train()
     assert result["status"] == "done" and result["metrics"]["count"] == 6 and np.isfinite(result["metrics"]["loss"])
+
+
+# ----------------------------------------------------------------------------- the path users run
+
+def test_finetune_through_train_sh_two_processes_workers_syncbn_bf16_channels_last(tmp_path, folder, checkpoints):
+    # fine-tuning as users launch it: ./train.sh with 2 gloo processes, data workers, SyncBN, bf16 autocast and
+    # channels_last; the frozen stem + stage 1 (weights and BN statistics) must come out as the checkpoint's,
+    # norm_eval must keep every other BN's statistics too, and the report must reach log.txt
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = tmp_path / "run"
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(f"""
+model: {{backbone: resnet18, num_classes: 3, pretrained: {checkpoints['torchvision']}, frozen_stages: 1,
+        norm_eval: true}}
+data: {{dataset: imagenet_folder, root: {folder}, input_size: 32, workers: 2}}
+train: {{epochs: 1, batch_size: 4, lr: 0.05, backbone_lr_mult: 0.1, amp: bf16, channels_last: true, sync_bn: true}}
+eval: {{batch_size: 6}}
+runtime: {{device: cpu, work_dir: {work}, log_interval: 1, tensorboard: false}}
+""")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([os.path.join(root, "train.sh"), str(cfg), "2"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "world size 2 (gloo)" in out and "mixed precision: bf16 autocast on cpu" in out, out[-3000:]
+    assert "fc.weight (classifier re-initialised: checkpoint [1000, 512], model [3, 512])" in \
+        (work / "log.txt").read_text()
+    source = torch.load(checkpoints["torchvision"], weights_only=True)
+    final = torch.load(work / "checkpoints" / "epoch_001.pth", weights_only=True)["model"]
+    frozen = [k for k in source if k.split(".")[0] in ("conv1", "bn1", "layer1")]
+    stats = [k for k in source if k.endswith(("running_mean", "running_var"))]
+    assert frozen and stats
+    for k in frozen + stats:  # frozen weights, and every BN's statistics (norm_eval), as in the checkpoint
+        assert torch.equal(final[k], source[k]), k
+    assert not torch.equal(final["layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])  # the rest trains
+    assert final["fc.weight"].shape == (3, 512)
