@@ -318,3 +318,28 @@ def test_inference_form_traces_op_by_op():
     assert not opaque
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
     torch.testing.assert_close(graph(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_features_in_channels_last_under_bf16_autocast():
+    # detection code runs backbones in channels_last, often under bf16 autocast: the maps must match NCHW's
+    # (fp32: to float rounding; bf16: to its precision, which batch statistics of 2 images amplify with depth)
+    cfg = {"backbone": "resnet18", "conv": {"type": "we"},
+           "plugins": [{"type": "ce", "stages": [1, 2, 3], "stem": True}, {"type": "ed", "groups": 8}]}
+    torch.manual_seed(0)
+    model = build_model(cfg, features_only=True, out_indices=[1, 2, 3, 4])
+    x = torch.randn(2, 3, 64, 80)
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        with torch.no_grad():
+            ref = model(x)
+            model.to(memory_format=torch.channels_last)
+            xl = x.contiguous(memory_format=torch.channels_last)
+            out32 = model(xl)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out16 = model(xl)
+            model.to(memory_format=torch.contiguous_format)
+        assert list(out32) == list(out16) == list(ref) == ["0", "1", "2", "3"]
+        for k in ref:
+            assert out32[k].is_contiguous(memory_format=torch.channels_last) and torch.isfinite(out16[k]).all()
+            assert float((out32[k] - ref[k]).norm() / ref[k].norm()) < 1e-4, (mode, k)
+            assert float((out16[k].float() - ref[k]).norm() / ref[k].norm()) < 0.15, (mode, k)
