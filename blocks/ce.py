@@ -86,7 +86,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ce_ops import (CentredMoments, CentredMomentsNHWC, GradLink, Mix, MixNHWC, all_reduce_sum, mix_nhwc,
-                     newton_isqrt, per_sample_kernels, sample_group_matmul, variance_from_sums)
+                     newton_isqrt, per_sample_kernels, sample_group_matmul, sample_mats,
+                     variance_from_sums)
 from .registry import Option, register_block
 
 
@@ -291,8 +292,8 @@ class CE(nn.Module):
             buf = torch.sub(x3, shift)
             var = buf.square_().sum(1) / max(hw - 1, 1)
             gain, a = self._gains(var, self.ir.running_scale.to(sdt), n)
-            mix = a * self.running_wm.to(sdt) + torch.diag_embed(gain.view(n, g, -1))  # W_n per group
-            out = sample_group_matmul(x3, mix, buf if buf.dtype == x.dtype else torch.empty_like(x3))
+            out = sample_group_matmul(x3, sample_mats(a * self.running_wm.to(sdt), gain),
+                                      buf if buf.dtype == x.dtype else torch.empty_like(x3))
         else:
             shift = x3.sum(1, keepdim=True, dtype=sdt) / hw
             var = torch.sub(x3, shift).square().sum(1) / max(hw - 1, 1)

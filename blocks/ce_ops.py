@@ -191,7 +191,7 @@ def loops_over_samples(x):
     return x.device.type == "cpu" and not _traceable()
 
 
-def _sample_mats(bd, gain):
+def sample_mats(bd, gain):
     """(n, g, d, d) per-sample matrices A + diag(gain_n) from A (g, d, d) and gain (n, c)."""
     g, d = bd.shape[0], bd.shape[1]
     return bd + torch.diag_embed(gain.view(-1, g, d).to(bd.dtype))
@@ -286,7 +286,7 @@ class MixNHWC(torch.autograd.Function):
         ctx.link = link if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) else None
         ctx.loop = loops_over_samples(x3)
         if ctx.loop:
-            return sample_group_matmul(x3, _sample_mats(bd, gain), torch.empty_like(x3))
+            return sample_group_matmul(x3, sample_mats(bd, gain), torch.empty_like(x3))
         return mix_nhwc(x3, bd, gain)
 
     @staticmethod
@@ -297,7 +297,7 @@ class MixNHWC(torch.autograd.Function):
         dx = dbd = dgain = None
         if ctx.needs_input_grad[0]:
             if ctx.loop:
-                dx = sample_group_matmul(dout, _sample_mats(bd, gain).transpose(2, 3), torch.empty_like(dout))
+                dx = sample_group_matmul(dout, sample_mats(bd, gain).transpose(2, 3), torch.empty_like(dout))
             else:
                 dx = group_matmul(dout, bd.transpose(1, 2), g).addcmul_(dout, gain.unsqueeze(1).to(dout.dtype))
             if ctx.link is not None:

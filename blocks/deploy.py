@@ -14,6 +14,7 @@ torch.export see the computation eager runs:
 
 :func:`fold_bn` folds an eval BatchNorm into the conv that feeds it (exact up to rounding).
 """
+import collections
 import copy
 
 import torch
@@ -21,6 +22,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ed import decode_to
+
+
+def swap_modules(model, replace):
+    """Swap, in place, every submodule of ``model`` for which ``replace(module)`` returns a module (the
+    new one is not searched further); a module shared by two parents stays shared. Returns the class
+    names of the swapped modules, counted. ``fold_we`` and ``models.inference`` walk models with it."""
+    counts, done = collections.Counter(), {}
+
+    def visit(parent):
+        for name, child in list(parent.named_children()):
+            if id(child) not in done:
+                new = replace(child)
+                if new is None:
+                    visit(child)
+                    continue
+                done[id(child)] = new
+                counts[type(child).__name__] += 1
+            setattr(parent, name, done[id(child)])
+    visit(model)
+    return counts
 
 
 def fold_bn(conv, bn):

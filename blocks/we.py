@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .deploy import swap_modules
 from .registry import Option, register_conv
 
 __all__ = ["LWE", "WEConv2d", "fold_we"]
@@ -292,11 +293,5 @@ def fold_we(model):
     """
     if isinstance(model, WEConv2d):
         return model.to_plain()
-    done = {}  # a WEConv2d shared by two parents stays shared
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, WEConv2d):
-                if id(child) not in done:
-                    done[id(child)] = child.to_plain()
-                setattr(parent, name, done[id(child)])
+    swap_modules(model, lambda m: m.to_plain() if isinstance(m, WEConv2d) else None)
     return model

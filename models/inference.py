@@ -16,7 +16,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from blocks.deploy import fold_bn
+from blocks.deploy import fold_bn, swap_modules
 
 __all__ = ["to_inference", "deploy_blocks", "fold_conv_bn", "relative_error"]
 
@@ -29,23 +29,14 @@ def relative_error(out, ref):
 
 def deploy_blocks(model):
     """Replace (in place) every submodule that has ``deploy()`` by its inference form; returns the counts."""
-    counts = collections.Counter()
-    done = {}                                   # a module shared by two parents stays shared
-
-    def visit(parent):
-        for name, child in list(parent.named_children()):
-            if callable(getattr(child, "deploy", None)):
-                if id(child) not in done:
-                    new = child.deploy()
-                    if getattr(child, "_blocklab_plugin", False):
-                        new._blocklab_plugin = True
-                    done[id(child)] = new
-                    counts[type(child).__name__] += 1
-                setattr(parent, name, done[id(child)])
-            else:
-                visit(child)
-    visit(model)
-    return counts
+    def deployed(module):
+        if not callable(getattr(module, "deploy", None)):
+            return None
+        new = module.deploy()
+        if getattr(module, "_blocklab_plugin", False):
+            new._blocklab_plugin = True
+        return new
+    return swap_modules(model, deployed)
 
 
 class _BlockLeafTracer(torch.fx.Tracer):
