@@ -17,7 +17,6 @@ the cores). It also checks that the crop-scale/aspect-ratio distribution is unch
     python -m benchmarks.bench_data --out benchmarks/results/data_cpu.md
 """
 import argparse
-import io
 import math
 import os
 import platform
