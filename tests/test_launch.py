@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,6 +151,23 @@ def test_sigterm_during_setup_stops_in_one_line(tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 75, out + err
     assert err.strip() == "stopped by SIGTERM before training started; nothing new to save", out + err
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stop_inside_exec_d_source_during_setup_still_exits_75(tmp_path, sig):
+    """CI saw -2: a stop landing while an import ran exec'd source (a dataclass's generated __init__) left
+    CPython's 'unhandled KeyboardInterrupt' flag set, so ``python -m tools.train`` killed itself with SIGINT at
+    exit although the stop had been caught. Here the signal lands inside exec() every time."""
+    (tmp_path / "stop_in_exec.py").write_text(
+        "import tools.train\n"
+        f"tools.train._run = lambda argv: exec('import os, time; os.kill(os.getpid(), {signal.Signals[sig].value}); "
+        "time.sleep(30)')\n"
+        "tools.train.main([])\n")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-m", "stop_in_exec"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 75, p.stderr
+    assert p.stderr.strip() == f"stopped by {sig} before training started; nothing new to save"
 
 
 def test_launcher_ends_the_run_when_a_process_is_killed(capsys):

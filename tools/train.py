@@ -35,19 +35,28 @@ def default_work_dir(config_path):
     return os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
 
 
+class StoppedBeforeStart(BaseException):
+    """A stop signal before the trainer's guard took over.
+
+    Not KeyboardInterrupt: CPython remembers a KeyboardInterrupt raised inside
+    exec'd source (dataclasses, namedtuple, torch's imports build classes that
+    way) and, run with ``-m``, kills itself with SIGINT at exit even though the
+    exception was caught, so the run would end with -2 instead of 75."""
+
+
 def _stop_during_setup(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise StoppedBeforeStart(signal.Signals(signum).name)
 
 
 def run(argv=None):
     # until the trainer's guard takes over, a stop signal ends the run in one line
-    previous = {s: signal.signal(s, _stop_during_setup) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    previous = {s: signal.signal(s, _stop_during_setup) for s in signals}
     try:
         return _run(argv)
-    except KeyboardInterrupt as e:  # nothing new to save
+    except StoppedBeforeStart as e:  # nothing new to save
         if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
-            print(f"stopped by {e.args[0] if e.args else 'SIGINT'} before training started; nothing new to save",
-                  file=sys.stderr)
+            print(f"stopped by {e.args[0]} before training started; nothing new to save", file=sys.stderr)
         return 75  # engine.guard.EXIT_PREEMPTED (maybe not imported yet)
     finally:
         for s, handler in previous.items():
