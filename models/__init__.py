@@ -54,9 +54,26 @@ def build_model(model_cfg, features_only=None, out_indices=None):
                     **dict(_get(model_cfg, "backbone_args", {}) or {}))
     model.arch_name = name
     if _get(model_cfg, "features_only"):
+        built = _plugins_present(model)
         model.to_features(_get(model_cfg, "out_indices"))
+        _refuse_dropped_plugins(model, specs, built)
     return apply_finetune(model, int(_get(model_cfg, "frozen_stages", -1)),
                           bool(_get(model_cfg, "norm_eval", False)))
+
+
+def _plugins_present(model):
+    return {id(m._blocklab_plugin) for m in model.modules() if getattr(m, "_blocklab_plugin", False)}
+
+
+def _refuse_dropped_plugins(model, specs, built):
+    """A plug-in placed only where the features-only model was cut off would vanish without a word."""
+    kept = _plugins_present(model)
+    for i, spec in enumerate(specs):
+        if id(spec) in built and id(spec) not in kept:
+            where = f"stages {list(spec.stages)}" if spec.stages else "the stages"
+            raise ConfigError(f"model.plugins.{i} ({spec.type}) sits only on {where}, which out_indices="
+                              f"{list(model.out_indices)} drops, so the features-only model would have none of it; "
+                              f"add a later map to model.out_indices or place the block on an earlier stage")
 
 
 def validate_model_cfg(model_cfg, build=True):
@@ -102,6 +119,8 @@ def validate_model_cfg(model_cfg, build=True):
         try:
             with torch.device("meta"):
                 build_model(model_cfg)
+        except ConfigError:
+            raise
         except (ValueError, TypeError, RuntimeError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model: {name} cannot be built with this config: {first}") from None

@@ -68,7 +68,7 @@ def attach(host, specs, stage, channels, position, prefix=""):
         if not spec.applies(stage, position):
             continue
         module = spec.cls(channels, **spec.options)
-        module._blocklab_plugin = True
+        module._blocklab_plugin = spec  # truthy; says which config entry made it
         name = unique_name(host, prefix + spec.type)
         host.add_module(name, module)
         names.append(name)
@@ -88,7 +88,7 @@ def attach_stem(host, specs, channels):
             if hasattr(spec.cls, "stem_options"):
                 options = spec.cls.stem_options(**options)
             module = spec.cls(channels, **options)
-            module._blocklab_plugin = True
+            module._blocklab_plugin = spec
             name = unique_name(host, "stem_" + spec.type)
             host.add_module(name, module)
             names.append(name)

@@ -11,6 +11,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from blocks.ce import CE
 from engine.config import read_tree
 from engine.fields import ConfigError
 from models import BACKBONES, build_model, get_conv, validate_model_cfg
@@ -125,6 +126,25 @@ def test_bad_out_indices_are_refused_with_one_sentence(cfg, message):
     with pytest.raises(ConfigError) as err:
         validate_model_cfg(dict({"backbone": "resnet50"}, **cfg))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_plugin_only_on_dropped_stages_is_refused_not_dropped():
+    """A block the features-only model would lose entirely is a config mistake; one lost only in part is not."""
+    cfg = {"backbone": "resnet50", "features_only": True, "out_indices": [1, 2],
+           "plugins": [{"type": "se"}, {"type": "ce", "stem": True, "stages": [1]}, {"type": "ce", "stages": [3, 4]}]}
+    with pytest.raises(ConfigError) as err:
+        validate_model_cfg(cfg)
+    assert str(err.value).startswith("model.plugins.2 (ce) sits only on stages [3, 4], which out_indices=[1, 2] "
+                                     "drops") and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"plugins.2 \(ce\)"):
+        build_model(cfg)
+    cfg["plugins"][2]["stages"] = [2, 3]  # its stage-2 copies remain
+    model = build_model(cfg)
+    assert sum(isinstance(m, CE) for m in model.modules()) == 1 + 3 + 4  # stem, layer1 (3 blocks), layer2 (4)
+    build_model(dict(cfg, out_indices=[1, 2, 3, 4]))
+    with pytest.raises(ConfigError, match=r"plugins.0 \(se\) sits only on stages \[7\]"):
+        validate_model_cfg({"backbone": "mobilenet_v2", "features_only": True, "out_indices": [1, 2],
+                            "plugins": [{"type": "se", "stages": [7]}]})
 
 
 def test_cifar_and_mobilenet_ranges_are_their_own():
