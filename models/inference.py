@@ -22,7 +22,17 @@ __all__ = ["to_inference", "deploy_blocks", "fold_conv_bn", "relative_error"]
 
 
 def relative_error(out, ref):
-    """max |out - ref| / max |ref| (float64), the figure tools.deploy prints."""
+    """max |out - ref| / max |ref| (float64), the figure tools.deploy prints.
+
+    Several outputs (a features-only model's dict of maps, a runtime's list) give the worst map's
+    error, each map against its own scale; a missing output or another shape is ``inf``."""
+    out, ref = [list(v.values()) if isinstance(v, dict) else v for v in (out, ref)]
+    if isinstance(out, (list, tuple)) or isinstance(ref, (list, tuple)):
+        if not (isinstance(out, (list, tuple)) and isinstance(ref, (list, tuple)) and len(out) == len(ref)):
+            return float("inf")
+        return max(relative_error(o, r) for o, r in zip(out, ref))
+    if out.shape != ref.shape:
+        return float("inf")
     out, ref = out.detach().double(), ref.detach().double()
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 

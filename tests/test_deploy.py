@@ -380,3 +380,61 @@ def test_folded_we_weights_load_strictly_into_the_plain_config():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(plain(x), we(x)) < 1e-5
+
+
+def test_relative_error_counts_a_missing_output_or_another_shape_as_infinite():
+    """A runtime that returned fewer maps or a broadcastable shape ((1, C) for (2, C)) must not pass the check."""
+    a, b = torch.ones(2, 3), torch.ones(1, 3)
+    assert relative_error(b, a) == float("inf")
+    assert relative_error([a], {"0": a, "1": a}) == float("inf")
+    assert relative_error([a, a * 1.5], {"0": a, "1": a}) == 0.5  # the worst map, each on its own scale
+
+
+DETECTION_BACKBONE = """
+model:
+  backbone: resnet18
+  num_classes: 10
+  conv: {type: we, lwe: true, mwe: true, ws: false}
+  plugins:
+    - {type: ce, position: after_norm, stages: [1, 2, 3, 4]}
+    - {type: ed, position: parallel, groups: 4}
+data: {dataset: synthetic, input_size: 64}
+"""
+
+
+def deploy_in_worker(argv):
+    from tools import deploy
+    return deploy.main(argv)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "export"])
+def test_deploy_a_features_only_backbone(tmp_path, fmt, export_worker):
+    """A detection backbone (features_only, out_indices) deploys like a classifier: every map checked.
+    Before, tools.deploy ended in a traceback on the dict of maps."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from engine.config import load_config
+    config = tmp_path / "det.yaml"
+    config.write_text(DETECTION_BACKBONE)
+    ckpt = _checkpoint(tmp_path, str(config), "cls.pth")  # a classification checkpoint of the same backbone
+    out = tmp_path / f"det.{fmt}"
+    argv = [str(config), ckpt, "--format", fmt, "--out", str(out), "--dynamic", "--input-size", "96",
+            "--cfg-options", "model.features_only=true", "model.out_indices=[1,2,3,4]"]
+    assert (export_worker(deploy_in_worker, argv) if fmt == "export" else deploy_in_worker(argv)) == 0
+    if fmt == "export":
+        return  # torch.export.load here would break later forked tests (module doc); the worker's deploy checked it
+    from tools.deploy import runner
+    model = build_model(load_config(str(config), ["model.features_only=true", "model.out_indices=[1,2,3,4]"]).model)
+    model.load_state_dict({k: v for k, v in torch.load(ckpt, weights_only=True)["model"].items()
+                           if not k.startswith("fc.")})
+    run = runner(out.read_bytes(), fmt)
+    x = torch.randn(1, 3, 72, 88)
+    with torch.no_grad():
+        ref, got = model.eval()(x), run(x)
+    assert [tuple(v.shape) for v in ref.values()] == [(1, c, -(-72 // r), -(-88 // r)) for c, r in
+                                                       zip((64, 128, 256, 512), (4, 8, 16, 32))]
+    assert relative_error(got, ref) < 1e-4
+    if fmt == "onnx":
+        import onnxruntime as ort
+        names = [o.name for o in ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_outputs()]
+        assert names == ["feature_0", "feature_1", "feature_2", "feature_3"]

@@ -20,6 +20,10 @@ repositories' files; a path, zoo name or URL), loaded with ``weights_only=True``
    spatial sizes, odd ones included, with ``--dynamic``): each must be within 1e-4 relative
    (max |diff| / max |eager|).
 
+A features-only model (``--cfg-options model.features_only=true model.out_indices=[...]``) exports
+its maps: ONNX outputs ``feature_0``, ``feature_1``, ..., a dict from TorchScript and torch.export;
+each map is checked.
+
 Only then is the file written (a temporary file renamed into place): a failed step leaves no file.
 Exit 0 on success, 2 for bad input (one line: missing file, a checkpoint of another architecture,
 unknown format, onnxruntime not installed), 1 when export or the check fails.
@@ -117,23 +121,37 @@ def _dynamic_shapes(dynamic):
     return ({0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},) if dynamic else None
 
 
+def output_names(model, example):
+    """ONNX output names: ``output`` for a classifier; ``feature_0``, ``feature_1``, ... for a features-only
+    model's maps '0', '1', ... (ONNX names cannot be bare digits)."""
+    import torch
+    with torch.no_grad():
+        out = model(example)
+    return [f"feature_{k}" for k in out] if isinstance(out, dict) else ["output"]
+
+
 def export_bytes(model, example, fmt, dynamic=False, onnx_exporter="legacy"):
     """The exported file's bytes."""
     import torch
     buf = io.BytesIO()
+    names = output_names(model, example)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # exporter deprecation/tracer warnings: the check below decides
-        if fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(model, (example,), check_trace=False), buf)
+        if fmt == "torchscript":  # strict=False: a features-only model returns a dict
+            torch.jit.save(torch.jit.trace(model, (example,), check_trace=False, strict=False), buf)
         elif fmt == "export":
             torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic)), buf)
         elif onnx_exporter == "legacy":
-            axes = {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}} if dynamic else None
-            torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"], output_names=["output"],
+            axes = None
+            if dynamic:
+                axes = {"input": {0: "batch", 2: "height", 3: "width"}}
+                axes.update({n: {0: "batch"} if names == ["output"] else {0: "batch", 2: f"height_{n}", 3: f"width_{n}"}
+                             for n in names})
+            torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"], output_names=names,
                               dynamic_axes=axes)
         else:
             program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=_dynamic_shapes(dynamic),
-                                        input_names=["input"], output_names=["output"], verbose=False)
+                                        input_names=["input"], output_names=names, verbose=False)
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "model.onnx")
                 program.save(path)
@@ -143,15 +161,19 @@ def export_bytes(model, example, fmt, dynamic=False, onnx_exporter="legacy"):
 
 
 def runner(data, fmt):
-    """A function tensor -> tensor running the exported bytes with the format's runtime."""
+    """A function running the exported bytes with the format's runtime (its outputs as the runtime gives them)."""
     import torch
     if fmt == "onnx":
         import onnxruntime as ort
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        if [o.name for o in session.get_outputs()] == ["output"]:  # a classifier (output_names)
+            return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        return lambda x: [torch.from_numpy(y) for y in session.run(None, {name: x.numpy()})]
     if fmt == "torchscript":
-        return torch.jit.load(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation: the user chose the format
+            return torch.jit.load(io.BytesIO(data))
     return torch.export.load(io.BytesIO(data)).module()
 
 
