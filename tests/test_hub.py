@@ -174,7 +174,7 @@ data: {dataset: synthetic, input_size: 32}
 """
 
 
-def test_export_roundtrip(tmp_path):
+def test_export_roundtrip(tmp_path, capsys):
     from engine.config import load_config
     from models import build_model
     from tools import export
@@ -217,7 +217,13 @@ def test_export_roundtrip(tmp_path):
     other = tmp_path / 'other.yaml'
     other.write_text(TINY_CONFIG.replace('num_classes: 10', 'num_classes: 7'))
     assert export.main([str(ckpt), '--name', 'x', '--config', str(other), '--index', index]) == 2
+    capsys.readouterr()
+    # a features-only model is not a zoo entry (it was exported, sized without its head, before)
+    assert export.main([str(ckpt), '--name', 'x', '--config', str(config), '--index', index,
+                        '--cfg-options', 'model.features_only=true']) == 2
+    assert 'needs a classifier: set model.features_only=false' in capsys.readouterr().err
     assert list(yaml.safe_load(open(index))['models']) == ['tiny_r20']
+    assert not [p for p in (tmp_path / 'zoo').rglob('x-*')]
 
 
 def test_unwritable_cache_names_blocklab_cache(tmp_path, monkeypatch):

@@ -78,9 +78,11 @@ def check_and_measure(weights, config, overrides=(), input_size=None):
     """Build the config's model, load ``weights`` strictly; return (params, GFLOPs, input size)."""
     from engine.config import load_config
     from models import build_model
+    from models.features import require_classifier
     from models.weights import load_weights
     from tools.flops import complexity
     cfg = load_config(config, list(overrides))
+    require_classifier(cfg.model, "a model-zoo entry (classification weights that ./test.sh evaluates)")
     model = build_model(cfg.model)
     load_weights(model, weights, strict=True)
     size = input_size or cfg.data.get('input_size') or 224
