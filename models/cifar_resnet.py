@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .features import FeatureInfo, FeaturesMixin
+from .finetune import FinetuneMixin
 from .plugins import attach_stem, init_backbone
-from .resnet import BasicBlock, kaiming_init
+from .resnet import BasicBlock, ResNet, kaiming_init
 
 
 class PadShortcut(nn.Module):
@@ -25,13 +26,14 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
 
-class CifarResNet(FeaturesMixin, nn.Module):
+class CifarResNet(FinetuneMixin, FeaturesMixin, nn.Module):
     """Features: 0 the stem after its activation (16 channels, stride 1), 1-3 layer1-3 (strides 1, 2, 4)."""
 
     places = ("after_norm", "parallel", "stem")
     num_stages = 3
     head_prefix = "fc."  # the classifier's keys: re-initialised when fine-tuning to another class count
     stem_halvings, stage_halvings = 0, (0, 1, 2)  # stride-2 steps before each place (map side ~ input / 2^k)
+    stem_and_stages = ResNet.stem_and_stages  # the same layout: conv1, bn1, stem plug-ins, layer1..
 
     def __init__(self, depth, conv, specs=(), num_classes=10, shortcut="A", in_chans=3):
         super().__init__()

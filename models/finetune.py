@@ -5,44 +5,47 @@ parameters get ``requires_grad=False`` (the optimizer skips them) and the module
 mode, so their BN and CE running statistics do not move. ``norm_eval`` keeps every layer that
 normalises with batch statistics (BatchNorm, and blocks with a ``running_mean`` buffer such as CE)
 in eval mode; their affine parameters still train unless frozen. Both survive ``model.train()``
-(called every epoch and after each evaluation): the model instance's ``train`` is wrapped.
+(called every epoch and after each evaluation), a deepcopy (EMA) and a pickled whole model: the
+backbones' ``train`` is :class:`FinetuneMixin`'s, reading the model's ``frozen_stages``/``norm_eval``.
 
-The stage maps live here rather than in the backbone files and read only their structure:
-ResNet / CIFAR ResNet: stem = conv1, bn1 and the stem plug-ins, stage k = ``layer{k}``;
-MobileNetV2: stem = ``features[0]``, stage k = the inverted-residual blocks of SETTINGS row k
-(the final 1x1 conv ``features[-1]`` belongs to no stage and is never frozen, as in mmpretrain).
+Each backbone says what its stem and stages are (``stem_and_stages()``): ResNet / CIFAR ResNet:
+stem = conv1, bn1 and the stem plug-ins, stage k = ``layer{k}``; MobileNetV2: stem =
+``features[0]``, stage k = the inverted-residual blocks of SETTINGS row k (the final 1x1 conv
+``features[-1]`` belongs to no stage and is never frozen, as in mmpretrain).
 """
-import types
-
 import torch.nn as nn
 
 from engine.fields import ConfigError
 
-from .cifar_resnet import CifarResNet
-from .mobilenetv2 import SETTINGS, MobileNetV2
-from .resnet import ResNet
 
+class FinetuneMixin:
+    """``train()`` that keeps frozen stages (and, with ``norm_eval``, batch-statistics layers) in eval mode."""
 
-def stem_and_stages(model):
-    """``[stem modules, stage 1 modules, ..., stage N modules]`` of a backbone (lists of modules)."""
-    if isinstance(model, (ResNet, CifarResNet)):
-        stem = [model.conv1, model.bn1] + [getattr(model, n) for n in model.stem_plugins]
-        return [stem] + [[getattr(model, f"layer{k}")] for k in range(1, model.num_stages + 1)
-                         if hasattr(model, f"layer{k}")]  # a features-only model may end early
-    if isinstance(model, MobileNetV2):
-        parts, start = [[model.features[0]]], 1
-        for *_, n, _ in SETTINGS:
-            parts.append(list(model.features[start:start + n]))
-            start += n
-        return parts
-    raise ConfigError(f"model.frozen_stages: {type(model).__name__} has no stage map in models/finetune.py")
+    frozen_stages = -1
+    norm_eval = False
+
+    def stem_and_stages(self):
+        """``[stem modules, stage 1 modules, ..., stage N modules]`` (lists of modules); backbones define it."""
+        raise ConfigError(f"model.frozen_stages: {type(self).__name__} does not say what its stages are "
+                          f"(define stem_and_stages())")
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode:  # modules are looked up now: SyncBatchNorm conversion may have replaced the BN layers
+            for m in frozen_modules(self, self.frozen_stages):
+                m.eval()
+            if self.norm_eval:
+                for m in self.modules():
+                    if is_batch_norm(m):
+                        m.eval()
+        return self
 
 
 def frozen_modules(model, frozen_stages):
     """The modules ``frozen_stages`` freezes (none for -1)."""
     if frozen_stages < 0:
         return []
-    return [m for part in stem_and_stages(model)[:frozen_stages + 1] for m in part]
+    return [m for part in model.stem_and_stages()[:frozen_stages + 1] for m in part]
 
 
 def is_batch_norm(module):
@@ -65,19 +68,5 @@ def apply_finetune(model, frozen_stages=-1, norm_eval=False):
     for m in frozen_modules(model, frozen_stages):
         for p in m.parameters():
             p.requires_grad_(False)
-    base_train = type(model).train
-
-    def train(self, mode=True):
-        base_train(self, mode)
-        if mode:  # modules are looked up now: SyncBatchNorm conversion may have replaced the BN layers
-            for m in frozen_modules(self, frozen_stages):
-                m.eval()
-            if norm_eval:
-                for m in self.modules():
-                    if is_batch_norm(m):
-                        m.eval()
-        return self
-
-    model.train = types.MethodType(train, model)
     model.frozen_stages, model.norm_eval = frozen_stages, norm_eval
     return model.train(model.training)

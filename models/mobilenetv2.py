@@ -10,6 +10,7 @@ its shortcuts are linear bottlenecks present only in some blocks.
 import torch.nn as nn
 
 from .features import FeatureInfo, FeaturesMixin
+from .finetune import FinetuneMixin
 from .plugins import attach, attach_stem, init_backbone
 
 # t (expansion), c (channels), n (repeats), s (first stride), paper Table 2
@@ -72,7 +73,7 @@ def mbv2_init(m):
         nn.init.zeros_(m.bias)
 
 
-class MobileNetV2(FeaturesMixin, nn.Module):
+class MobileNetV2(FinetuneMixin, FeaturesMixin, nn.Module):
     """Features as timm numbers them: the last block before each stride-2 stage and the last block
     (``features.1/3/6/13/17``: 16, 24, 32, 96, 320 channels at width 1, strides 2, 4, 8, 16, 32);
     the 1280-channel head conv is part of the classifier here.
@@ -116,6 +117,13 @@ class MobileNetV2(FeaturesMixin, nn.Module):
         for j in range(self._feature_ends[i - 1] + 1 if i else 0, self._feature_ends[i] + 1):
             x = self.features[j](x)
         return x
+
+    def stem_and_stages(self):
+        parts, start = [[self.features[0]]], 1
+        for *_, n, _ in SETTINGS:
+            parts.append(list(self.features[start:start + n]))
+            start += n
+        return parts
 
     def _after_features(self, last):
         return [f"features.{j}" for j in range(self._feature_ends[last] + 1, len(self.features))] + \

@@ -8,6 +8,7 @@ its last norm (CE, SE) and a parallel path from the shortcut output (ED).
 import torch.nn as nn
 
 from .features import FeatureInfo, FeaturesMixin
+from .finetune import FinetuneMixin
 from .plugins import attach, attach_stem, branch_width, init_backbone
 
 
@@ -76,7 +77,7 @@ def kaiming_init(m):
         nn.init.zeros_(m.bias)
 
 
-class ResNet(FeaturesMixin, nn.Module):
+class ResNet(FinetuneMixin, FeaturesMixin, nn.Module):
     """ImageNet ResNet/ResNeXt; any input size (adaptive pooling).
 
     Features (``feature_info``, timm's numbering): 0 the stem after its activation (64 channels,
@@ -147,6 +148,11 @@ class ResNet(FeaturesMixin, nn.Module):
         if i == 0:
             return self._stem(x)
         return getattr(self, f"layer{i}")(self.maxpool(x) if i == 1 else x)
+
+    def stem_and_stages(self):
+        stem = [self.conv1, self.bn1] + [getattr(self, n) for n in self.stem_plugins]
+        return [stem] + [[getattr(self, f"layer{k}")] for k in range(1, self.num_stages + 1)
+                         if hasattr(self, f"layer{k}")]  # a features-only model may end early
 
     def _after_features(self, last):
         return ([] if last else ["maxpool"]) + [f"layer{i}" for i in range(last + 1, 5)] + ["avgpool", "fc"]

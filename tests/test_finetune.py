@@ -4,6 +4,8 @@ Checks that the backbone loads, the classifier starts fresh and the report names
 that frozen stages and norm_eval keep their weights and running statistics; that the backbone's LR stays
 train.lr x backbone_lr_mult at every step, across a resume; and the one-line refusals.
 """
+import copy
+import io
 import json
 import os
 
@@ -220,7 +222,24 @@ def test_stage_maps_freeze_exactly_the_stem_and_the_first_stages():
     assert stem and all(n.startswith(("conv1.", "bn1.", *ce.stem_plugins)) for n in stem)
     assert any(not n.startswith(("conv1.", "bn1.")) for n in stem)  # the stem CE is part of the stem
     none = build_model({**CE20, "num_classes": 3, "frozen_stages": -1})
-    assert all(p.requires_grad for p in none.parameters()) and "train" not in vars(none)
+    assert all(p.requires_grad for p in none.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "cifar_resnet20", "mobilenet_v2"])
+def test_freezing_survives_a_pickled_whole_model_and_a_deepcopy(backbone):
+    """torch.save(model) / torch.load: the freeze used to live in an instance-bound train(), which pickling
+    dropped, so the loaded model's frozen BNs went back to train mode and moved their statistics."""
+    model = build_model({"backbone": backbone, "num_classes": 3, "frozen_stages": 1, "norm_eval": False})
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for m in (model, torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        m.train()
+        stem, stage1, stage2 = m.stem_and_stages()[:3]
+        assert not any(x.training for part in (stem, stage1) for x in part), backbone
+        assert all(x.training for x in stage2) and m.training
+    normed = copy.deepcopy(build_model({**CE20, "num_classes": 3, "norm_eval": True})).train()
+    assert not any(x.training for x in normed.modules() if is_batch_norm(x)) and normed.layer1.training
 
 
 # ----------------------------------------------------------------------------- what is loaded, what is refused
