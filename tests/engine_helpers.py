@@ -1,4 +1,7 @@
-"""Shared helpers for the engine tests: a tiny model and a tiny synthetic-data config."""
+"""Shared helpers for the engine tests: a tiny model, a tiny synthetic-data config, ./train.sh as users start it."""
+import os
+import subprocess
+
 import torch
 import torch.nn as nn
 
@@ -54,3 +57,22 @@ def assert_same(a, b, atol=0.0, rtol=0.0):
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK")
+
+
+def launch_env():
+    """A user's shell: none of torchrun's variables inherited from the test process, one OMP thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_train_sh(cfg, nproc, *overrides, cwd, timeout=300):
+    """``./train.sh CFG NPROC [overrides]`` run to the end; the CompletedProcess with ``out`` = stdout + stderr."""
+    r = subprocess.run([os.path.join(ROOT, "train.sh"), str(cfg), str(nproc), *overrides], cwd=cwd, env=launch_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    r.out = r.stdout + r.stderr
+    return r

@@ -6,7 +6,7 @@ import pytest
 
 from engine.trainer import Trainer
 from models import build_model
-from tests.engine_helpers import tiny_cfg
+from tests.engine_helpers import run_train_sh, tiny_cfg
 from tools import compare
 
 CE = "model.plugins=[{type: ce, position: after_norm, stages: [1, 2, 3]}]"
@@ -106,8 +106,6 @@ def test_truncated_line_is_reported(runs, tmp_path, capsys):
 
 def test_reads_a_two_process_run_started_with_train_sh(tmp_path):
     """What users run: ./train.sh with 2 processes and data workers (rank 0 writes the files compare reads)."""
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(f"""
 model: {{backbone: cifar_resnet20, num_classes: 4}}
@@ -115,11 +113,8 @@ data: {{dataset: synthetic, input_size: 8, workers: 2, synthetic: {{train_size: 
 train: {{epochs: 2, batch_size: 8, lr: 0.05}}
 runtime: {{device: cpu, work_dir: {tmp_path / 'run'}, log_interval: 1, tensorboard: false}}
 """)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "NNODES", "NODE_RANK")}
-    p = subprocess.run([os.path.join(root, "train.sh"), str(cfg), "2"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    p = run_train_sh(cfg, 2, cwd=tmp_path)
+    assert p.returncode == 0, p.out
     row = compare.summarize(compare.read_run(str(tmp_path / "run")), "run", flops=False)
     assert (row["epochs"], row["planned_epochs"]) == (2, 2)
     assert compare.main([str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--no-flops"]) == 0

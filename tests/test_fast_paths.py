@@ -1,16 +1,13 @@
 """The fast paths users turn on (train.amp, train.channels_last, train.compile, several processes with
 SyncBN and CE sync_stats) train every block without nan, through the real Trainer and ./train.sh on CPU."""
 import math
-import os
-import subprocess
 
 import pytest
 import torch
 
 from engine.trainer import Trainer
-from tests.engine_helpers import tiny_cfg
+from tests.engine_helpers import run_train_sh, tiny_cfg
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BLOCKS = {  # the options of configs/ablation (CIFAR ResNet-20), one block each, and all of them at once
     "ce": ["model.plugins=[{type: ce, stem: true}]"],
@@ -82,11 +79,8 @@ train: {{epochs: 1, batch_size: 8, lr: 0.05, amp: bf16, channels_last: true, syn
         compile: true, compile_backend: aot_eager}}
 runtime: {{device: cpu, work_dir: {tmp_path / 'run'}, log_interval: 1, tensorboard: false}}
 """)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([os.path.join(ROOT, "train.sh"), str(cfg), "2"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
+    r = run_train_sh(cfg, 2, cwd=tmp_path, timeout=600)
+    out = r.out
     assert r.returncode == 0, out[-3000:]
     assert "world size 2 (gloo)" in out and "mixed precision: bf16 autocast on cpu" in out, out[-3000:]
     assert "torch.compile, backend aot_eager" in out, out[-3000:]

@@ -18,6 +18,7 @@ from engine.config import from_tree
 from engine.fields import ConfigError
 from engine.optim import group_lrs, lr_factor
 from engine.trainer import Trainer
+from tests.engine_helpers import run_train_sh
 from models import build_model
 from models.finetune import frozen_modules, is_batch_norm
 from models.mobilenetv2 import SETTINGS
@@ -350,8 +351,6 @@ def test_finetune_through_train_sh_two_processes_workers_syncbn_bf16_channels_la
     # fine-tuning as users launch it: ./train.sh with 2 gloo processes, data workers, SyncBN, bf16 autocast and
     # channels_last; the frozen stem + stage 1 (weights and BN statistics) must come out as the checkpoint's,
     # norm_eval must keep every other BN's statistics too, and the report must reach log.txt
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = tmp_path / "run"
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(f"""
@@ -362,11 +361,8 @@ train: {{epochs: 1, batch_size: 4, lr: 0.05, backbone_lr_mult: 0.1, amp: bf16, c
 eval: {{batch_size: 6}}
 runtime: {{device: cpu, work_dir: {work}, log_interval: 1, tensorboard: false}}
 """)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([os.path.join(root, "train.sh"), str(cfg), "2"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    out = r.stdout + r.stderr
+    r = run_train_sh(cfg, 2, cwd=tmp_path)
+    out = r.out
     assert r.returncode == 0, out[-3000:]
     assert "world size 2 (gloo)" in out and "mixed precision: bf16 autocast on cpu" in out, out[-3000:]
     assert "fc.weight (classifier re-initialised: checkpoint [1000, 512], model [3, 512])" in \

@@ -8,6 +8,8 @@ import time
 import pytest
 import torch
 
+from tests.engine_helpers import launch_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,9 +23,8 @@ train: {{epochs: 2, batch_size: 8, lr: 0.05}}
 eval: {{interval: 1}}
 runtime: {{device: cpu, work_dir: {work}, log_interval: 1, tensorboard: false}}
 """)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     cmd = [os.path.join(ROOT, "train.sh"), str(cfg), "2", "train.label_smoothing=0.1"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     lines = []
     for line in p.stdout:
@@ -40,7 +41,7 @@ runtime: {{device: cpu, work_dir: {work}, log_interval: 1, tensorboard: false}}
     assert state["epoch"] == 0 and 3 <= state["iter_in_epoch"] < 60 and len(state["rng"]) == 2
     assert state["config"]["train"]["label_smoothing"] == 0.1  # overrides reach the workers
 
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resumed from {work}/checkpoints/{step[0]}" in r.stdout
     assert "val epoch 2" in r.stdout and "(9 images" in r.stdout
@@ -48,11 +49,6 @@ runtime: {{device: cpu, work_dir: {work}, log_interval: 1, tensorboard: false}}
     assert final["step"] == 120 and final["epoch"] == 2
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "NNODES", "NODE_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _tiny(tmp_path, workers=2, train_size=480):
@@ -69,7 +65,7 @@ runtime: {{device: cpu, work_dir: {tmp_path / 'run'}, log_interval: 1, tensorboa
 def test_ctrl_c_with_data_workers_saves_and_exits_75_in_one_line(tmp_path):
     """Issue 10 items 1-2: SIGINT to the whole foreground process group (Ctrl-C), data.workers=2."""
     cfg = _tiny(tmp_path)
-    p = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=_env(),
+    p = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=launch_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     for line in p.stdout:
@@ -88,7 +84,7 @@ def test_bad_override_with_two_processes_is_refused_once(tmp_path):
     cannot split is found only once the processes know the world size)."""
     cfg = _tiny(tmp_path, workers=0)
     p = subprocess.run([os.path.join(ROOT, "train.sh"), str(cfg), "2", "train.batch_size=9"], cwd=tmp_path,
-                       env=_env(), capture_output=True, text=True, timeout=120)
+                       env=launch_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
     assert len(p.stderr.splitlines()) == 1 and p.stdout == "", p.stdout + p.stderr
     assert "error: train.batch_size=9 is not divisible by world_size x accum_steps = 2 x 1" in p.stderr
@@ -98,7 +94,7 @@ def test_bad_override_with_two_processes_is_refused_once(tmp_path):
 def test_a_node_that_never_comes_fails_early_with_a_clear_message(tmp_path):
     """Issue 10 item 9: NNODES=2 but the second node never starts: exit 76 after dist.rdzv_timeout_s."""
     cfg = _tiny(tmp_path, workers=0)
-    env = {**_env(), "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29641"}
+    env = {**launch_env(), "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29641"}
     p = subprocess.run([os.path.join(ROOT, "train.sh"), str(cfg), "1", "dist.rdzv_timeout_s=3"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 76, p.stdout + p.stderr
@@ -111,7 +107,7 @@ def test_fault_inject_on_the_real_path(tmp_path):
     """SIGTERM to every process group (SLURM) and SIGKILL of a rank, through ./train.sh with 2 processes and
     2 data workers: exit 75 with the step saved, exit 76 with the previous checkpoint intact; resumed bit-identical."""
     p = subprocess.run([sys.executable, "-m", "tools.fault_inject", "--real", "--strikes", "group-term,kill-rank",
-                        "--epochs", "1", "--work-dir", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True,
+                        "--epochs", "1", "--work-dir", str(tmp_path)], cwd=ROOT, env=launch_env(), capture_output=True,
                        text=True, timeout=600)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
@@ -141,7 +137,7 @@ def _catches(pid, sig):
 def test_sigterm_during_setup_stops_in_one_line(tmp_path):
     """Issue 10 item 1: a stop signal before the first step (while the model and data are built) is a clean stop."""
     cfg = _tiny(tmp_path)
-    p = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=_env(),
+    p = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=launch_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not _catches(p.pid, signal.SIGTERM):  # until train.sh became tools.train and it installed its handler
@@ -163,7 +159,7 @@ def test_stop_inside_exec_d_source_during_setup_still_exits_75(tmp_path, sig):
         f"tools.train._run = lambda argv: exec('import os, time; os.kill(os.getpid(), {signal.Signals[sig].value}); "
         "time.sleep(30)')\n"
         "tools.train.main([])\n")
-    env = {**_env(), "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env = {**launch_env(), "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, "-m", "stop_in_exec"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 75, p.stderr
@@ -197,7 +193,7 @@ def test_torchrun_still_runs_the_trainer(tmp_path):
     """train.sh uses tools/launch.py, but torchrun started by hand stays a supported launcher (its agent hosts
     the rendezvous store): 2 gloo processes with data workers train, agree and save."""
     cfg = _tiny(tmp_path, workers=2, train_size=32)
-    env = {**_env(), "PYTHONPATH": ROOT}
+    env = {**launch_env(), "PYTHONPATH": ROOT}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "tools.train", str(cfg)], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=300)

@@ -14,7 +14,7 @@ from engine.evaluator import evaluate
 from engine.fields import ConfigError
 from engine.optim import build_optimizer, lr_factor
 from engine.trainer import Trainer
-from tests.engine_helpers import TinyNet, assert_same, tiny_cfg, tiny_model, weights
+from tests.engine_helpers import TinyNet, assert_same, run_train_sh, tiny_cfg, tiny_model, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -279,10 +279,8 @@ data: {{dataset: synthetic, input_size: 8, workers: 0, synthetic: {{train_size: 
 train: {{epochs: 1, batch_size: 8, lr: 0.05}}
 runtime: {{device: cpu, work_dir: {tmp_path / 'run'}, log_interval: 1, tensorboard: false}}
 """)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    cmd = [os.path.join(ROOT, "train.sh"), str(cfg), "2", "train.amp=bf16", "train.channels_last=true"]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    out = r.stdout + r.stderr
+    r = run_train_sh(cfg, 2, "train.amp=bf16", "train.channels_last=true", cwd=tmp_path)
+    out = r.out
     assert r.returncode == 0, out
     assert "world size 2 (gloo)" in out and "mixed precision: bf16 autocast on cpu" in out, out
     assert "val epoch 1" in out and "nan" not in out.split("val epoch 1")[1], out
