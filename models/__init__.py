@@ -13,7 +13,7 @@ from blocks.registry import CONVS, check_options, get_block, get_conv
 from engine.fields import ConfigError
 
 from .cifar_resnet import CifarResNet, build_cifar_resnet
-from .features import FeatureInfo, check_out_indices
+from .features import FeatureInfo
 from .finetune import apply_finetune, check_finetune_cfg
 from .mobilenetv2 import MobileNetV2, build_mobilenet_v2
 from .plugins import SPEC_KEYS, block_options, parse_plugins
@@ -55,7 +55,10 @@ def build_model(model_cfg, features_only=None, out_indices=None):
     model.arch_name = name
     if _get(model_cfg, "features_only"):
         built = _plugins_present(model)
-        model.to_features(_get(model_cfg, "out_indices"))
+        try:
+            model.to_features(_get(model_cfg, "out_indices"))
+        except ValueError as e:  # bad out_indices (models.features.check_out_indices)
+            raise ConfigError(f"model.{e}") from None
         _refuse_dropped_plugins(model, specs, built)
     return apply_finetune(model, int(_get(model_cfg, "frozen_stages", -1)),
                           bool(_get(model_cfg, "norm_eval", False)))
@@ -114,7 +117,7 @@ def validate_model_cfg(model_cfg, build=True):
                    "model.conv")
     _validate_plugins(_get(model_cfg, "plugins", []) or [], name, cls)
     check_finetune_cfg(model_cfg, name, cls)
-    _validate_features(model_cfg, name)
+    _validate_features(model_cfg)
     if build:
         try:
             with torch.device("meta"):
@@ -126,24 +129,14 @@ def validate_model_cfg(model_cfg, build=True):
             raise ConfigError(f"model: {name} cannot be built with this config: {first}") from None
 
 
-def _validate_features(model_cfg, name):
+def _validate_features(model_cfg):
     features_only, out_indices = _get(model_cfg, "features_only", False), _get(model_cfg, "out_indices")
     if not isinstance(features_only, bool):
         raise ConfigError(f"model.features_only={features_only!r} must be true or false")
     if out_indices is not None and not features_only:
         raise ConfigError(f"model.out_indices={out_indices!r} selects feature maps, which only a "
                           f"features-only model returns; set model.features_only: true or remove out_indices")
-    if out_indices is not None:
-        try:
-            with torch.device("meta"):
-                info = BACKBONES[name][0](name, ConvFactory({"type": "plain"}), [], 10,
-                                          **dict(_get(model_cfg, "backbone_args", {}) or {})).feature_info
-        except (ValueError, TypeError):
-            return  # bad backbone_args: the build below says so
-        try:
-            check_out_indices(out_indices, info, name)
-        except ValueError as e:
-            raise ConfigError(f"model.{e}") from None
+    # their range is the backbone's feature_info: checked when build_model makes the features-only model
 
 
 def _validate_plugins(plugins, backbone, cls):

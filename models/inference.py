@@ -44,7 +44,7 @@ def deploy_blocks(model):
             return None
         new = module.deploy()
         if getattr(module, "_blocklab_plugin", False):
-            new._blocklab_plugin = True
+            new._blocklab_plugin = module._blocklab_plugin  # still the config entry's block
         return new
     return swap_modules(model, deployed)
 

@@ -134,7 +134,7 @@ def export_bytes(model, example, fmt, dynamic=False, onnx_exporter="legacy"):
     """The exported file's bytes."""
     import torch
     buf = io.BytesIO()
-    names = output_names(model, example)
+    names = output_names(model, example) if fmt == "onnx" else None  # one more forward: ONNX only
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # exporter deprecation/tracer warnings: the check below decides
         if fmt == "torchscript":  # strict=False: a features-only model returns a dict
