@@ -149,6 +149,34 @@ def test_sigterm_during_setup_stops_in_one_line(tmp_path):
     assert err.strip() == "stopped by SIGTERM before training started; nothing new to save", out + err
 
 
+def test_slurm_stop_during_setup_with_two_processes_is_one_line(tmp_path):
+    """SLURM's SIGTERM reaches every process of the job while the launcher forwards it too, so each rank
+    gets it twice. A repeat used to raise again while the first was being handled (a traceback) or, once
+    the handlers were restored, kill the rank (the launcher's second line). Three rounds: it was a race."""
+    cfg = _tiny(tmp_path)
+    for _ in range(3):
+        p = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "2"], cwd=tmp_path, env=launch_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (len(ranks := _children(p.pid)) == 2 and all(_catches(r, signal.SIGTERM) for r in ranks)):
+            assert time.monotonic() < deadline and p.poll() is None, "the ranks did not start"
+            time.sleep(0.01)
+        for pid in (p.pid, *ranks):  # the launcher (it forwards) and each rank, as SLURM signals the job
+            os.kill(pid, signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 75, out + err
+        assert err.strip() == "stopped by SIGTERM before training started; nothing new to save", out + err
+        assert sorted(os.listdir(tmp_path)) == ["tiny.yaml"]  # nothing written
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_stop_inside_exec_d_source_during_setup_still_exits_75(tmp_path, sig):
     """CI saw -2: a stop landing while an import ran exec'd source (a dataclass's generated __init__) left

@@ -44,23 +44,32 @@ class StoppedBeforeStart(BaseException):
     exception was caught, so the run would end with -2 instead of 75."""
 
 
+SETUP_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def _stop_during_setup(signum, frame):
+    # the same stop arrives more than once (SLURM signals every process and the launcher forwards it):
+    # the first one stops the run, the others are ignored until the process has exited
+    for s in SETUP_STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise StoppedBeforeStart(signal.Signals(signum).name)
 
 
 def run(argv=None):
     # until the trainer's guard takes over, a stop signal ends the run in one line
-    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-    previous = {s: signal.signal(s, _stop_during_setup) for s in signals}
+    previous = {s: signal.signal(s, _stop_during_setup) for s in SETUP_STOP_SIGNALS}
+    stopped = False
     try:
         return _run(argv)
     except StoppedBeforeStart as e:  # nothing new to save
+        stopped = True
         if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
             print(f"stopped by {e.args[0]} before training started; nothing new to save", file=sys.stderr)
         return 75  # engine.guard.EXIT_PREEMPTED (maybe not imported yet)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if not stopped:  # once stopped, stop signals stay ignored: the process ends now
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def _run(argv):
