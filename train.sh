@@ -2,9 +2,12 @@
 # Train:  ./train.sh [CONFIG] [NUM_PROCS] [key=value ...]
 #
 #   ./train.sh                                   # configs/default.yaml: CE-ResNet-20 on digits, CPU, minutes
-#   ./train.sh configs/imagenet/ce_resnet50.yaml 8 train.amp=bf16
+#   ./train.sh configs/ablation/ed_resnet20.yaml 2                  # 2 processes on CPU (gloo)
+#   ./train.sh configs/imagenet/cenet/ce_resnet50.yaml 8 data.root=/data/imagenet train.amp=bf16
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 ./train.sh CONFIG 8   # on node0, then
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 MASTER_PORT=29500 ./train.sh CONFIG 8   # on node1
+#
+# Documentation: docs/training.md.
 #
 # NUM_PROCS defaults to the number of visible GPUs (1 on CPU); tools/launch.py starts
 # the processes (one process: python -m tools.train itself). Starting the same command

@@ -1,7 +1,7 @@
 """Training and inference speed of models on synthetic data made on the device.
 
     python -m benchmarks.benchmark --suite resnet50-family --precision bf16 --channels-last [--compile [both]]
-    python -m benchmarks.benchmark --config configs/imagenet/ce_resnet50.yaml --config ... --mode train
+    python -m benchmarks.benchmark --config configs/imagenet/cenet/ce_resnet50.yaml --config ... --mode train
     python -m benchmarks.benchmark --model-json '{"backbone": "cifar_resnet20", "num_classes": 10}' --input-size 32
     python -m benchmarks.benchmark --suite resnet50-family --check          # bf16-vs-fp32, channels_last, NaN
     python -m benchmarks.benchmark --suite resnet50-family --graph-breaks   # torch._dynamo.explain per model

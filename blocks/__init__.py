@@ -1,7 +1,7 @@
 """Plug-in blocks and conv types, registered by the names configs use.
 
 Importing this package registers every built-in block; a new block is one
-module here plus an import line below (see README, "Adding a block").
+module here plus an import line below (see docs/contributing.md, "Adding a block").
 """
 from .registry import BLOCKS, CONVS, get_block, get_conv, register_block, register_conv  # noqa: F401
 from .conv import ConvFactory  # noqa: F401

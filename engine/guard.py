@@ -1,6 +1,6 @@
 """Preemption and non-finite-loss guards for the training loop, and the exit codes of tools/train.py.
 
-Exit codes (documented in the README's troubleshooting section):
+Exit codes (documented in docs/troubleshooting.md):
 
 ====  ==================  ====================================================================
 code  name                meaning

@@ -19,7 +19,7 @@ MODEL_SCHEMA = {
 }
 MODEL_SCHEMA.update({
     "features_only": Field(False, "the model returns feature maps for dense prediction (an OrderedDict '0', "
-                           "'1', ... of the maps at out_indices; no classifier), see README 'Backbones for detection'"),
+                           "'1', ... of the maps at out_indices; no classifier), see docs/dense_prediction.md"),
     "out_indices": Field(None, "features_only: which maps, increasing, e.g. [1, 2, 3, 4] for ResNet strides "
                          "4-32 (0 = the stem); null = all of the backbone's feature_info", type=list, nullable=True),
     "pretrained": Field(None, "weights to start from: a path, a model-zoo name or a URL (ours, torchvision's, "

@@ -1,5 +1,5 @@
 """A catalogue of bad inputs to ``tools.train`` / ``tools.test``: each gets its one-line message and exit code,
-and nothing in the work directory changes. The README's troubleshooting table lists the same cases."""
+and nothing in the work directory changes. docs/troubleshooting.md lists the same cases."""
 import hashlib
 import os
 import pickle

@@ -316,10 +316,10 @@ def test_test_sh_refuses_a_features_only_model(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_the_readme_detection_example_runs():
+def test_the_documented_detection_example_runs():
     import re
-    section = (ROOT / "README.md").read_text().split("### Backbones for detection and segmentation", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section.split("\n### ", 1)[0], re.S).group(1)
+    section = (ROOT / "docs" / "dense_prediction.md").read_text().split("## Faster R-CNN", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     scope = {}
     torch.manual_seed(0)
     exec(code, scope)
@@ -327,7 +327,7 @@ def test_the_readme_detection_example_runs():
 
 
 def test_inference_form_traces_op_by_op():
-    # the README points fx passes that must see inside CE and WE to the inference form
+    # docs/dense_prediction.md points fx passes that must see inside CE and WE to the inference form
     from models.inference import to_inference
     cfg = {"backbone": "resnet18", "num_classes": 10, "conv": {"type": "we"},
            "plugins": [{"type": "ce", "stages": [1, 2, 3], "stem": True}]}

@@ -313,13 +313,12 @@ def test_an_original_repository_checkpoint_fine_tunes_with_a_new_head():
     assert torch.equal(ours, theirs["layer4.layer4_block_2.decoder.decoder_conv.weight"])
 
 
-def test_readme_section_runs_its_snippet_and_names_real_keys_and_configs(tmp_path):
+def test_the_finetuning_page_runs_its_snippet_and_names_real_keys_and_configs(tmp_path):
     import re
     from engine.config import load_config
     from engine.schema import describe
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
-    section = readme.split("### Fine-tuning on your own data", 1)[1].split("\n### ", 1)[0]
+    section = open(os.path.join(root, "docs", "finetuning.md"), encoding="utf-8").read()
     keys = re.findall(r"^\| `([a-z_.]+)` \|", section, re.M)
     assert len(keys) == 5 and set(keys) <= {k for k, _, _ in describe()}
     configs = set(re.findall(r"configs/finetune/\w+\.yaml", section))
@@ -328,7 +327,7 @@ def test_readme_section_runs_its_snippet_and_names_real_keys_and_configs(tmp_pat
     exec(snippet.replace("work_dirs/digits3", str(tmp_path)), {})
     counts = {split: sum(len(os.listdir(tmp_path / split / c)) for c in ("0-2", "3-5", "6-9"))
               for split in ("train", "val")}
-    assert counts == {"train": 1437, "val": 360}  # as the README says
+    assert counts == {"train": 1437, "val": 360}  # as the page says
 
 
 def test_list_file_dataset_fine_tunes_too(tmp_path, folder, checkpoints):

@@ -1,7 +1,7 @@
 """Export a training checkpoint to the model zoo: weights only, hash-named, indexed.
 
     python -m tools.export work_dirs/ce_resnet50/checkpoints/best.pth --name ce_resnet50 \\
-        --config configs/imagenet/ce_resnet50.yaml --metrics top1=77.9 top5=93.9 \\
+        --config configs/imagenet/cenet/ce_resnet50.yaml --metrics top1=77.9 top5=93.9 \\
         [--ema] [--published top1=78.1] [--url-prefix https://host/zoo/] [--force] [--cfg-options k=v ...]
 
 Writes ``model_zoo/weights/<name>-<sha256[:8]>.pth`` (a plain state dict, no

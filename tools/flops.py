@@ -1,7 +1,7 @@
 """Parameters and GFLOPs of any config at its input size.
 
-    python -m tools.flops configs/imagenet/ce_resnet50.yaml [key=value ...] [--convention ednet]
-    python -m tools.flops --table          # the README's tables vs the published figures
+    python -m tools.flops configs/imagenet/cenet/ce_resnet50.yaml [key=value ...] [--convention ednet]
+    python -m tools.flops --table          # the tables of docs/tools.md vs the published figures
 
 Two counting conventions, both for one image in eval mode:
 

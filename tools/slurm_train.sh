@@ -3,7 +3,7 @@
 #
 #   tools/slurm_train.sh PARTITION JOB_NAME CONFIG [NUM_GPUS] [key=value ...]
 #   GPUS_PER_NODE=8 CPUS_PER_TASK=8 SRUN_ARGS="--time=48:00:00" tools/slurm_train.sh gpu ce_r50 \
-#       configs/imagenet/ce_resnet50.yaml 16
+#       configs/imagenet/cenet/ce_resnet50.yaml 16
 #
 # Inside an sbatch allocation (SLURM_JOB_ID set) it runs in that allocation and,
 # when training was preempted (exit 75: SIGTERM, or SIGUSR1 which srun's
