@@ -104,14 +104,28 @@ def rel(path):
 
 # ----------------------------------------------------------------------------- running and checking
 
+def saved_configs():
+    """{path: text} of the ```yaml blocks whose first line says '# saved as configs/X.yaml'."""
+    out = {}
+    for page in DOCS:
+        for _, body in fenced_blocks(page.read_text(encoding="utf-8"), "yaml"):
+            saved = re.search(r"# saved as (configs/\S+\.yaml)", body.split("\n", 1)[0])
+            if saved:
+                out[saved.group(1)] = body
+    return out
+
+
 @pytest.fixture
 def scratch(tmp_path, monkeypatch):
-    """A copy of the repository to run commands in: links to its files, its own configs/ and work_dirs/."""
+    """A copy of the repository to run commands in: links to its files, its own configs/ (with the pages'
+    saved configs) and work_dirs/."""
     for name in TOP_LEVEL:
         if name == "configs":
             shutil.copytree(ROOT / name, tmp_path / name)
         else:
             (tmp_path / name).symlink_to(ROOT / name)
+    for path, text in saved_configs().items():
+        (tmp_path / path).write_text(text)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BLOCKLAB_CACHE", str(tmp_path / ".cache"))
     return tmp_path
@@ -275,18 +289,12 @@ def test_every_documented_command_runs_or_is_checked(page, scratch):
 
 
 def test_saved_config_examples_load(scratch):
-    """A ```yaml block whose first line says '# saved as configs/X.yaml' is a complete config that loads."""
+    """A config a page shows as a file to save is complete: it loads and its model builds."""
     from engine.config import load_config
     from models import build_model
-    found = 0
-    for page in DOCS:
-        for _, body in fenced_blocks(page.read_text(encoding="utf-8"), "yaml"):
-            saved = re.search(r"# saved as (configs/\S+\.yaml)", body.split("\n", 1)[0])
-            if saved:
-                (scratch / saved.group(1)).write_text(body)
-                build_model(load_config(saved.group(1)).model)
-                found += 1
-    assert found
+    assert saved_configs()
+    for path in saved_configs():
+        build_model(load_config(path).model)
 
 
 def test_the_command_splitter_sees_what_bash_sees():
