@@ -87,13 +87,18 @@ def test_torchvision_shufflenet_checkpoint_evaluates_with_test_sh(tmp_path):
     import subprocess
 
     import torchvision
+
+    def test_sh(ckpt):
+        r = subprocess.run([os.path.join(ROOT, "test.sh"), "configs/imagenet/shufflenet/shufflenet_v2_x0_5.yaml",
+                            str(ckpt), "data.dataset=synthetic", "data.root=null", "data.input_size=64",
+                            "data.workers=0", "data.synthetic.val_size=8", "eval.batch_size=8", "runtime.device=cpu"],
+                           cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300)
+        return r.returncode, r.stdout + r.stderr
+
     torch.manual_seed(0)
-    ckpt = tmp_path / "shufflenetv2_x0.5.pth"
-    torch.save(torchvision.models.shufflenet_v2_x0_5().state_dict(), ckpt)
-    r = subprocess.run([os.path.join(ROOT, "test.sh"), "configs/imagenet/shufflenet/shufflenet_v2_x0_5.yaml", str(ckpt),
-                        "data.dataset=synthetic", "data.root=null", "data.input_size=64", "data.workers=0",
-                        "data.synthetic.val_size=8", "eval.batch_size=8", "runtime.device=cpu"],
-                       cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-3000:]
-    assert re.search(r"top-?1", out, re.I), out[-3000:]
+    torch.save(torchvision.models.shufflenet_v2_x0_5().state_dict(), tmp_path / "x0_5.pth")
+    rc, out = test_sh(tmp_path / "x0_5.pth")
+    assert rc == 0 and re.search(r"x0_5\.pth: top1 [\d.]+ top5 [\d.]+ loss [\d.]+ \(8/8 images\)", out), out[-3000:]
+    torch.save(torchvision.models.shufflenet_v2_x1_0().state_dict(), tmp_path / "x1_0.pth")   # another width
+    rc, out = test_sh(tmp_path / "x1_0.pth")
+    assert rc != 0 and "Traceback" not in out and "shape" in out, out[-3000:]
