@@ -94,8 +94,8 @@ LAW_CENET = [                                             # imagenet/models/resn
     (r"ce\.theta$", "zeros"),                             # CE_module.py:65 x_weight = zeros(1)
     (r"ce\.ir\.norm\.weight$", "ones"), (r"ce\.ir\.norm\.bias$", "zeros"),   # CE_module.py:9 nn.LayerNorm default
     (r"ce\.ir\.fc[12]\.weight$", "uniform_fan_in"),      # CE_module.py:8, 11 nn.Linear(bias=False) default
-    (r"se\.fc[12]\.(weight|bias)$", "uniform_fan_in"),  # ours (CENet has no SE): PyTorch's conv default,
-                                                          # which the init loop would reach (:152) only by name
+    (r"se\.fc[12]\.(weight|bias)$", "uniform_fan_in"),  # ours, CENet has no SE: PyTorch's default (blocks init
+                                                          # themselves; CENet's loop :152-155 would redraw convs)
     *BN,                                                  # resnet_v1_ce.py:156-158 every BN weight 1, bias 0
     (r"^fc\.(weight|bias)$", "uniform_fan_in"),           # resnet_v1_ce.py:150 nn.Linear default (loop skips it)
     *CONV,                                                # resnet_v1_ce.py:152-155 normal(0, sqrt(2 / (k*k*out)))
