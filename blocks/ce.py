@@ -81,6 +81,8 @@ Placement (resnet_v1_ce.py): after bn3 of every bottleneck of stages 1-3 with G=
 the stem BN with G=64 (one group); ``stem_group_channels`` is the group size the backbone uses
 for the stem plug-in (see :meth:`CE.stem_options`).
 """
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -100,8 +102,12 @@ def _group_size(channels, group_channels):
 
 @torch.fx.wrap
 def _ce_forward(block, x):
-    """CE's forward; torch.fx records it as one call, so the memory-format branch runs on real tensors."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    """CE's forward; torch.fx records it as one call, so the memory-format branch runs on real tensors.
+
+    Autocast is off inside (float32 statistics); on the meta device (shape and FLOPs counting) there
+    is no autocast to switch off, and torch.autocast refuses that device type.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False) if x.device.type != "meta" else nullcontext():
         if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             return block._forward_nhwc(x)
         return block._forward_nchw(x)

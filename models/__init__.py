@@ -18,9 +18,11 @@ from .finetune import apply_finetune, check_finetune_cfg
 from .mobilenetv2 import MobileNetV2, build_mobilenet_v2
 from .plugins import SPEC_KEYS, block_options, parse_plugins
 from .resnet import ARCHS as RESNET_ARCHS, ResNet, build_resnet
+from .shufflenetv2 import WIDTHS as SHUFFLENET_WIDTHS, ShuffleNetV2, build_shufflenet_v2
 
 BACKBONES = {name: (build_resnet, ResNet) for name in RESNET_ARCHS}
 BACKBONES["mobilenet_v2"] = (build_mobilenet_v2, MobileNetV2)
+BACKBONES.update({name: (build_shufflenet_v2, ShuffleNetV2) for name in SHUFFLENET_WIDTHS})
 BACKBONES.update({f"cifar_resnet{d}": (build_cifar_resnet, CifarResNet) for d in (20, 32, 44, 56, 110)})
 
 
@@ -92,7 +94,7 @@ def validate_model_cfg(model_cfg, build=True):
     builder, cls = BACKBONES[name]
     args = dict(_get(model_cfg, "backbone_args", {}) or {})
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "conv", "specs", "num_classes",
-                                                                   "block", "layers", "depth"}
+                                                                   "block", "layers", "depth", "widths"}
     for key in args:
         if key not in accepted:
             raise ConfigError(f"model.backbone_args.{key}: {name} takes no argument '{key}'"

@@ -26,12 +26,14 @@ def make_divisible(v, divisor=8, min_value=None):
 
 
 class ConvNormAct(nn.Sequential):
-    """conv -> BN -> ReLU6 (children '0', '1', '2'); stem plug-ins run between norm and activation."""
+    """conv -> BN -> ReLU6 (children '0', '1', '2'); stem plug-ins run between norm and activation.
 
-    def __init__(self, conv, in_ch, out_ch, kernel_size=3, stride=1, groups=1, role="regular"):
+    ``act`` is the activation's class (ShuffleNetV2 uses the same layout with ReLU)."""
+
+    def __init__(self, conv, in_ch, out_ch, kernel_size=3, stride=1, groups=1, role="regular", act=nn.ReLU6):
         super().__init__(conv(in_ch, out_ch, kernel_size, stride=stride, padding=(kernel_size - 1) // 2,
                               groups=groups, role=role),
-                         nn.BatchNorm2d(out_ch), nn.ReLU6(inplace=True))
+                         nn.BatchNorm2d(out_ch), act(inplace=True))
         self.plugins = []
 
     def forward(self, x):

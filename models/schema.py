@@ -8,7 +8,8 @@ def _stage_index(value, path):
 
 MODEL_SCHEMA = {
     "backbone": Field("resnet50", "backbone name: resnet18/34/50/101/152, resnext50_32x4d, "
-                      "resnext101_32x4d, resnext101_32x8d, mobilenet_v2, cifar_resnet20/32/44/56/110"),
+                      "resnext101_32x4d, resnext101_32x8d, mobilenet_v2, "
+                      "shufflenet_v2_x0_5/x1_0/x1_5/x2_0, cifar_resnet20/32/44/56/110"),
     "num_classes": Field(1000, "classifier outputs; checked against the dataset's class count"),
     "backbone_args": Field({}, "extra backbone arguments, e.g. {width_mult: 0.75} for mobilenet_v2, "
                            "{shortcut: B} for CIFAR ResNets, {zero_init_residual: true} for ResNets"),

@@ -86,7 +86,8 @@ for _path in sorted(glob.glob("configs/**/*.yaml", root_dir=ROOT, recursive=True
 def test_the_shape_matrix_covers_every_backbone_and_block():
     assert {c["backbone"] for c in SHAPE_CASES.values()} == set(BACKBONES)
     assert "configs/imagenet/ednet/ed_resnext50.yaml" in SHAPE_CASES  # ED with reduction 2: not in the matrix
-    assert not any(k.startswith("configs/imagenet/we/") for k in SHAPE_CASES if "werepo" not in k)  # = matrix
+    assert not any(k.startswith("configs/imagenet/we/") for k in SHAPE_CASES
+                   if "werepo" not in k and "we_se" not in k)  # = matrix (WE+SE and LWE-only: combinations)
 
 
 @pytest.mark.parametrize("case", sorted(SHAPE_CASES))

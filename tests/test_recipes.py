@@ -81,6 +81,7 @@ def we(epochs, schedule, batch):
 
 WE_R50 = we(90, (30, 60), 256)            # README.md:26 --epochs 90 --schedule 30 60; imagenet.py:56 batch 256
 WE_R101 = we(100, (30, 60, 90), 128)      # README.md:30: l_resnet101 --epochs 100 --schedule 30 60 90 --train-batch 128
+# (ResNet-18/34 and WE+SE borrow WE_R50's command, ResNet-152 WE_R101's: the README gives none for them)
 WE_X50 = we(100, (30, 60, 90), 128)       # README.md:34: l_resnext50 ... --train-batch 128 (arch not in its code)
 OURS_X101 = we(100, (30, 60, 90), 256)    # ours: README.md:39 gives no schedule (imagenet.py:52, 64 never decay)
 
@@ -93,6 +94,8 @@ LAW_CENET = [                                             # imagenet/models/resn
     (r"ce\.theta$", "zeros"),                             # CE_module.py:65 x_weight = zeros(1)
     (r"ce\.ir\.norm\.weight$", "ones"), (r"ce\.ir\.norm\.bias$", "zeros"),   # CE_module.py:9 nn.LayerNorm default
     (r"ce\.ir\.fc[12]\.weight$", "uniform_fan_in"),      # CE_module.py:8, 11 nn.Linear(bias=False) default
+    (r"se\.fc[12]\.(weight|bias)$", "uniform_fan_in"),  # ours, CENet has no SE: PyTorch's default (blocks init
+                                                          # themselves; CENet's loop :152-155 would redraw convs)
     *BN,                                                  # resnet_v1_ce.py:156-158 every BN weight 1, bias 0
     (r"^fc\.(weight|bias)$", "uniform_fan_in"),           # resnet_v1_ce.py:150 nn.Linear default (loop skips it)
     *CONV,                                                # resnet_v1_ce.py:152-155 normal(0, sqrt(2 / (k*k*out)))
@@ -129,6 +132,17 @@ CONFIGS = {
     "we/we_resnext101.yaml": (OURS_X101, ("resnext101_32x4d", {}, "we+mwe", []), LAW_WE),
     "we/resnext101.yaml": (OURS_X101, ("resnext101_32x4d", {}, "plain", []), LAW_WE),
 }
+for depth in (18, 34, 50, 101):    # the CE paper's plain / SE / CE rows on CENet's recipe
+    CONFIGS[f"cenet/se_resnet{depth}.yaml"] = (CENET, (f"resnet{depth}", {}, "plain", ["se"]), LAW_CENET)
+    if depth != 50:
+        CONFIGS[f"cenet/resnet{depth}.yaml"] = (CENET, (f"resnet{depth}", {}, "plain", []), LAW_CENET)
+        CONFIGS[f"cenet/ce_resnet{depth}.yaml"] = (CENET, (f"resnet{depth}", {}, "plain", ["ce"]), LAW_CENET)
+for depth, recipe in ((18, WE_R50), (34, WE_R50), (152, WE_R101)):
+    CONFIGS[f"we/we_resnet{depth}.yaml"] = (recipe, (f"resnet{depth}", {}, "we+mwe", []), LAW_WE)
+    CONFIGS[f"we/werepo_l_resnet{depth}.yaml"] = (recipe, (f"resnet{depth}", {}, "we", []), LAW_WE)
+    CONFIGS[f"we/resnet{depth}.yaml"] = (recipe, (f"resnet{depth}", {}, "plain", []), LAW_WE)
+CONFIGS["we/se_resnet50.yaml"] = (WE_R50, ("resnet50", {}, "plain", ["se"]), LAW_WE + LAW_TORCHVISION)
+CONFIGS["we/we_se_resnet50.yaml"] = (WE_R50, ("resnet50", {}, "we+mwe", ["se"]), LAW_WE + LAW_TORCHVISION)
 for name, arch in (("resnet50", "resnet50"), ("resnet101", "resnet101"), ("resnet152", "resnet152"),
                    ("resnext50", "resnext50_32x4d"), ("resnext101", "resnext101_32x4d")):
     for suffix in ("", "_a", "_b"):
@@ -239,7 +253,8 @@ def _law_ok(law, p, fan_in, fan_out):
 
 # one model per init code path (deeper models and -A/-B variants share it; test_recipe checks their model sections)
 BUILT = ["cenet/ce_resnet50.yaml", "cenet/resnet50.yaml", "ednet/ed_resnet50.yaml", "ednet/ed_se_resnext50.yaml",
-         "ednet/se_resnet50.yaml", "we/werepo_l_resnet50.yaml"]
+         "ednet/se_resnet50.yaml", "we/werepo_l_resnet50.yaml", "cenet/ce_resnet18.yaml", "cenet/se_resnet18.yaml",
+         "we/we_se_resnet50.yaml"]
 
 
 @pytest.mark.parametrize("path", BUILT)
@@ -260,3 +275,44 @@ def test_initial_values_and_weight_decay(path):
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 1e-4 for p in g["params"]}
     assert decayed == {id(p) for p in model.parameters()}
     assert all(g["momentum"] == 0.9 and not g["nesterov"] and g["dampening"] == 0 for g in opt.param_groups)
+
+
+# ----------------------------------------------------------------------------- ShuffleNetV2 rows
+# The CE paper's ShuffleNetV2 rows borrow the ShuffleNetV2 authors' recipe, megvii-model/ShuffleNet-Series
+# ShuffleNetV2/train.py (defaults read from its fork dypromise/ShuffleNet-Series; the original file is not in our
+# store) and ShuffleNetV2/utils.py: batch 1024, lr 0.5, LambdaLR 1 - step / 300000 per iteration, momentum 0.9,
+# weight decay 4e-5 through get_parameters (decay only 'weight' tensors with more than one dimension),
+# CrossEntropyLabelSmooth(1000, 0.1), RandomResizedCrop(224) + ColorJitter(0.4, 0.4, 0.4) + flip.
+SHUFFLE = ["shufflenet/shufflenet_v2_x1_0.yaml", "shufflenet/shufflenet_v2_x0_5.yaml",
+           "shufflenet/ce_shufflenet_v2_x1_0.yaml", "shufflenet/se_shufflenet_v2_x1_0.yaml",
+           "shufflenet/ce_shufflenet_v2_x0_5.yaml", "shufflenet/se_shufflenet_v2_x0_5.yaml"]
+
+
+def test_every_shufflenet_config_has_a_recipe_row():
+    assert sorted(f"shufflenet/{n}" for n in os.listdir(os.path.join(ROOT, "configs", "imagenet", "shufflenet"))) == \
+        sorted(SHUFFLE)
+
+
+@pytest.mark.parametrize("path", SHUFFLE)
+def test_shufflenet_recipe(path):
+    from models import build_model
+    cfg, text = _cfg(path), _text(path)
+    tr = cfg.train
+    assert cfg.model.backbone == "shufflenet_v2_" + path.rsplit("_v2_", 1)[1][:-len(".yaml")]
+    assert (tr.batch_size, tr.lr, tr.momentum, tr.nesterov, tr.weight_decay) == (1024, 0.5, 0.9, False, 4e-5)
+    assert "./train.sh THIS 8" in text
+    ipe = IMAGENET_TRAIN // tr.batch_size            # 1251: 8 processes x 128, last incomplete batch dropped
+    total = tr.epochs * ipe
+    assert abs(total - 300000) / 300000 < 0.001 and f"{ipe} steps per epoch ({total} steps, theirs 300000)" in \
+        _text("shufflenet/shufflenet_v2_x1_0.yaml")
+    for t in (0, 1, ipe * 30 + 7, total // 2, total - 1):    # train.py LambdaLR, with our step count
+        assert tr.lr * lr_factor(t, tr, ipe) == pytest.approx(0.5 * (1 - t / total), rel=1e-9, abs=1e-12), t
+    assert tr.label_smoothing == 0.1 and not tr.ema and tr.amp == "none"   # utils.py CrossEntropyLabelSmooth:
+    r = build_recipe(cfg.data)                                             # eps / K on every class, as PyTorch's
+    assert (r.input_size, r.eval_resize, r.crop, r.hflip, r.color_jitter) == (224, 256, "random_resized", 0.5, (0.4, 0.4, 0.4, 0.0))
+    torch.manual_seed(0)
+    model = build_model(dict(cfg.model, num_classes=10))
+    opt = build_optimizer(model, tr)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 4e-5 for p in g["params"]}
+    theirs = {id(p) for n, p in model.named_parameters() if "weight" in n and p.dim() > 1}   # get_parameters
+    assert decayed == theirs

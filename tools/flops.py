@@ -158,6 +158,10 @@ PUBLISHED = {
     "resnext101_32x4d": ({"backbone": "resnext101_32x4d"}, 224, 44.18, 8.0, "ResNeXt paper / ED README"),
     "resnext101_32x8d": ({"backbone": "resnext101_32x8d"}, 224, 88.79, 16.41, "torchvision"),
     "mobilenet_v2": ({"backbone": "mobilenet_v2"}, 224, 3.50, 0.30, "torchvision"),
+    "shufflenet_v2_x0_5": ({"backbone": "shufflenet_v2_x0_5"}, 224, 1.37, 0.04, "torchvision"),
+    "shufflenet_v2_x1_0": ({"backbone": "shufflenet_v2_x1_0"}, 224, 2.28, 0.145, "torchvision"),
+    "shufflenet_v2_x1_5": ({"backbone": "shufflenet_v2_x1_5"}, 224, 3.50, 0.296, "torchvision"),
+    "shufflenet_v2_x2_0": ({"backbone": "shufflenet_v2_x2_0"}, 224, 7.39, 0.583, "torchvision"),
 }
 
 
