@@ -107,10 +107,13 @@ _adjusted = set()
 def log_adjustment(message):
     """Log ``message`` (an option a block adjusted, and the value it uses) once per process.
 
-    Goes to the run's console through the ``blocklab`` logger (rank 0; engine.logger), as INFO."""
-    if message not in _adjusted:
+    Goes to the run's console through the ``blocklab`` logger (rank 0; engine.logger), as INFO. Until
+    that logger shows INFO (e.g. the config check before the console is set up) nothing is recorded,
+    so the model built for the run still says it."""
+    log = logging.getLogger("blocklab.blocks")
+    if message not in _adjusted and log.isEnabledFor(logging.INFO):
         _adjusted.add(message)
-        logging.getLogger("blocklab.blocks").info(message)
+        log.info(message)
 
 
 def _nearest(name, names):

@@ -19,23 +19,47 @@ def refusal(plugins, backbone="cifar_resnet20", **model):
     return str(info.value)
 
 
-def test_ce_group_size_that_does_not_divide_is_halved_and_logged(caplog):
+@pytest.fixture
+def adjustments(monkeypatch):
+    """The messages blocks.registry.log_adjustment emits during the test (its once-only memory reset)."""
+    from blocks import registry
+    monkeypatch.setattr(registry, "_adjusted", set())
+    said, log, handler = [], logging.getLogger("blocklab.blocks"), logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    yield said
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
+def test_ce_group_size_that_does_not_divide_is_halved_and_logged(adjustments):
     """CENet's rule (halve G until it divides C) is kept, and the value used is said once."""
-    caplog.set_level(logging.INFO, logger="blocklab")
     cfg = {"backbone": "mobilenet_v2", "num_classes": 4, "plugins": [{"type": "ce", "stages": [2],
                                                                       "group_channels": 16}]}
     model = build_model(cfg)
     assert model.features[2].ce.group_channels == 8  # MobileNetV2 stage 2: 24 channels
     build_model(cfg)
-    said = [r.getMessage() for r in caplog.records if "group_channels=16 does not divide 24" in r.getMessage()]
+    said = [m for m in adjustments if "group_channels=16 does not divide 24" in m]
     assert len(said) == 1 and "using 8" in said[0]
 
 
-def test_ed_default_groups_work_on_cifar_resnets_and_are_logged(caplog):
-    caplog.set_level(logging.INFO, logger="blocklab")
+def test_an_adjustment_seen_before_the_console_shows_info_is_said_later(adjustments):
+    """The config check builds the model before engine.logger sets up the console: the run's build still says it."""
+    cfg = {"backbone": "cifar_resnet20", "num_classes": 4, "plugins": [{"type": "ce", "group_channels": 24}]}
+    logging.getLogger("blocklab.blocks").setLevel(logging.WARNING)
+    validate_model_cfg(cfg)
+    logging.getLogger("blocklab.blocks").setLevel(logging.INFO)
+    build_model(cfg)
+    assert [m for m in adjustments if "group_channels=24 does not divide 16 " in m] == [
+        "ce: group_channels=24 does not divide 16 channels; using 1 there (halved until it divides, as CENet does)"]
+
+
+def test_ed_default_groups_work_on_cifar_resnets_and_are_logged(adjustments):
     model = build_model({"backbone": "cifar_resnet32", "num_classes": 4, "plugins": [{"type": "ed"}]})
     assert [getattr(model, f"layer{s}")[0].ed.groups for s in (1, 2, 3)] == [4, 8, 16]
-    assert any("using groups=4" in r.getMessage() for r in caplog.records)
+    assert any("using groups=4" in m for m in adjustments)
     assert build_model({"backbone": "resnet50", "plugins": [{"type": "ed"}]}).layer1[0].ed.groups == 32
 
 
