@@ -1,7 +1,8 @@
 """Classify image files:  python -m tools.predict CHECKPOINT_OR_FILE IMAGE... [--topk 5] [--json]
 
-CHECKPOINT_OR_FILE is a training checkpoint (its stored config and class names are used; ``--config``
-gives another config, ``--ema`` takes its EMA weights), or a file
+CHECKPOINT_OR_FILE is a training checkpoint, as tools.test takes it (a path, zoo name or URL; its stored
+config and class names are used; ``--config`` gives a config to weights without one, ``--ema`` takes
+the EMA weights), or a file
 written by tools.deploy: ``.onnx`` (run with onnxruntime, preprocessing from its metadata_props) or
 a TorchScript / ``.pt2`` file with its ``FILE.json`` sidecar. Images are preprocessed as ./test.sh
 evaluates an image folder (data.preprocess). One line per image: the top-k class names (or indices
@@ -68,13 +69,18 @@ def load_checkpoint_model(path, config=None, ema=False):
 def predict(args):
     """The output lines for ``args``."""
     import torch
+
+    from engine.hub import resolve_checkpoint
     if args.topk < 1:
         raise ValueError("--topk must be >= 1")
-    missing = [p for p in [args.model] + args.images if not os.path.isfile(p)]
+    exported = args.model.endswith(".onnx") or os.path.isfile(args.model + ".json")
+    missing = [p for p in ([args.model] if exported else []) + args.images if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"{missing[0]} does not exist; check the path")
-    exported = args.model.endswith(".onnx") or os.path.isfile(args.model + ".json")
-    pre, model = load_exported(args.model) if exported else load_checkpoint_model(args.model, args.config, args.ema)
+    if exported:
+        pre, model = load_exported(args.model)
+    else:
+        pre, model = load_checkpoint_model(resolve_checkpoint(args.model), args.config, args.ema)
     with torch.no_grad():
         probs = torch.cat([model(pre.load([p])) for p in args.images]).float().softmax(1)
     top = probs.topk(min(args.topk, probs.shape[1]), dim=1)
