@@ -10,7 +10,7 @@ For an input X of shape (N, C, H, W), CE returns
     CE(X) = sigmoid(theta) * BD(X) + (1 - sigmoid(theta)) * IR(X),   theta initialised to 0.
 
 BD, batch decorrelation. Channels are split into g = C / G consecutive groups of G
-channels (G = ``group_channels``, halved until it divides C, e.g. C=24, G=16 -> 8).
+channels (G = ``group_channels``, halved until it divides C, e.g. C=24, G=16 -> 8; logged).
 Per group, over the m = N*H*W positions of the batch (training):
 
     Sigma   = eps * I + Xc Xc^T / m           (Xc = X minus its batch mean, per channel)
@@ -90,13 +90,18 @@ import torch.nn.functional as F
 from .ce_ops import (CentredMoments, CentredMomentsNHWC, GradLink, Mix, MixNHWC, all_reduce_sum, mix_nhwc,
                      newton_isqrt, per_sample_kernels, sample_group_matmul, sample_mats,
                      variance_from_sums)
-from .registry import Option, register_block
+from .registry import Option, log_adjustment, register_block
 
 
 def _group_size(channels, group_channels):
+    """BD's group size: ``group_channels`` halved until it divides ``channels``, as CENet's CE_module.py
+    does; a change is logged once (docs/blocks.md)."""
     d = max(int(group_channels), 1)
     while channels % d:
         d //= 2
+    if d != group_channels:
+        log_adjustment(f"ce: group_channels={group_channels} does not divide {channels} channels; "
+                       f"using {d} there (halved until it divides, as CENet does)")
     return d
 
 
@@ -135,7 +140,7 @@ class InstanceReweight(nn.Module):
 class CE(nn.Module):
     """Channel Equilibrium: sigmoid(theta) * BD(x) + (1 - sigmoid(theta)) * IR(x) (see module doc).
 
-    channels: C. group_channels: BD group size G (halved until it divides C).
+    channels: C. group_channels: BD group size G (halved until it divides C; logged).
     newton_iters: T. pooling: estimate BD statistics on a 2x2 max-pooled input.
     momentum / eps: running-average momentum and the covariance ridge (original: 0.1 / 1e-5).
     reduction: IR bottleneck ratio. sync_stats: all-reduce statistics across ranks.
@@ -144,10 +149,23 @@ class CE(nn.Module):
 
     no_weight_decay = ("theta",)  # the BD/IR mixing logit: exempt with train.wd_exempt: [marked]
 
-    OPTIONS = {"group_channels": Option(int, low=1), "newton_iters": Option(int, low=0),
-               "pooling": Option(bool), "momentum": Option(float, low=0, high=1),
-               "eps": Option(float, low=0, low_open=True), "reduction": Option(int, low=1),
-               "sync_stats": Option(bool), "stem_group_channels": Option(int, low=1)}
+    OPTIONS = {
+        "group_channels": Option(int, low=1, doc="BD group size G (channels whitened together); where G does not "
+                                 "divide the block's channels it is halved until it does (CENet's rule), and the "
+                                 "value used is logged"),
+        "newton_iters": Option(int, low=0, doc="Newton iterations T of the inverse square root "
+                               "(0: no whitening, P = I)"),
+        "pooling": Option(bool, doc="estimate BD's statistics on a 2x2/stride-2 max-pooled input (needs maps of "
+                          "at least 2x2)"),
+        "momentum": Option(float, low=0, high=1, doc="momentum of the running whitening matrix and IR scale"),
+        "eps": Option(float, low=0, low_open=True, doc="ridge added to the covariance; floor of IR's mean variance"),
+        "reduction": Option(int, low=1, doc="IR bottleneck ratio r (hidden width max(C // r, 1); the original "
+                            "hard-codes 4)"),
+        "sync_stats": Option(bool, doc="all-reduce BD/IR statistics across ranks (global-batch statistics, like "
+                             "SyncBatchNorm); false: per-GPU, as the original"),
+        "stem_group_channels": Option(int, low=1, doc="G of the instance after the stem norm (stem: true); "
+                                      "halved like group_channels where it does not divide the stem's channels"),
+    }
 
     @classmethod
     def min_side(cls, pooling=False, **options):

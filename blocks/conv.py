@@ -12,7 +12,7 @@ import torch.nn as nn
 from .registry import CONV_CALL_ARGS, Option, get_conv, options_of, register_conv
 
 ROLES = ("stem", "regular", "depthwise", "downsample", "head")
-EXCLUDE = Option(list, choices=ROLES)  # model.conv.exclude, for every conv type
+EXCLUDE = Option(list, choices=ROLES, doc="conv roles that keep the plain nn.Conv2d, e.g. [stem]")  # every conv type
 
 
 @register_conv("plain")

@@ -50,9 +50,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import Option, register_block
+from .registry import Option, log_adjustment, register_block
 
 VARIANTS = (None, "A", "B")
+DEFAULT_GROUPS = 32  # the original's groups of both convs
 
 
 def _ed_model(backbone, variant):
@@ -92,7 +93,7 @@ A_HOSTS = {4: (4, 1, 8),      # ED-ResNet: bottleneck C = 4 w, ungrouped 3x3
            2: (2, 32, 32)}    # ED-ResNeXt-32x4d: C = 2 w, 32-group 3x3
 
 
-def a_costs(width, reduction=4, groups=32):
+def a_costs(width, reduction=4, groups=DEFAULT_GROUPS):
     """(branch(w) -> cost, ED path cost) per output pixel of a repeated bottleneck of 3x3 width
     ``width`` on the -A host of ``reduction``, in the ED README's counting (see ``a_width``)."""
     if reduction not in A_HOSTS:
@@ -108,7 +109,7 @@ def a_costs(width, reduction=4, groups=32):
     return branch, ed
 
 
-def a_width(width, reduction=4, groups=32):
+def a_width(width, reduction=4, groups=DEFAULT_GROUPS):
     """Real-valued -A mid width: a repeated block's branch + ED path cost what its plain branch did.
 
     Costs per output pixel in the ED README's counting (``tools.flops`` convention ``ednet``:
@@ -156,23 +157,31 @@ class ED(nn.Module):
     stride-2 grouped 3x3 transposed conv p->C + BN sized back to the input.
 
     channels: C, the host block's output (= shortcut) channels.
-    groups: groups of both convs (32 in the original).
+    groups: groups of both convs; None (default): 32 as in the original, or where 32 does not divide
+    C and p (small hosts: basic blocks, CIFAR ResNets) the largest divisor of both below 32, logged.
     reduction: p = C // reduction (4 for ED-ResNet, 2 for ED-ResNeXt-32x4d as in the original).
     variant: None, 'A' or 'B'; changes only the host's branch width (see ``branch_width``).
     """
 
-    OPTIONS = {"groups": Option(int, low=1), "reduction": Option(int, low=1), "variant": Option(str, choices=VARIANTS)}
+    OPTIONS = {
+        "groups": Option(int, low=1, nullable=True, doc="groups of the encoder and decoder convs; null: 32 (the "
+                         "original's) where it divides C and p, else the largest divisor of both below 32 "
+                         "(logged); a given value must divide C and p"),
+        "reduction": Option(int, low=1, doc="p = C // reduction, the path's hidden width (4 for ED-ResNet, "
+                            "2 for ED-ResNeXt-32x4d: p = the plain 3x3 width)"),
+        "variant": Option(str, choices=VARIANTS, doc="efficient ED-Nets of the ED-Net README: 'A' narrows the "
+                          "host's 3x3 width to the baseline's FLOPs, 'B' halves it (docs/ed_variants.md); "
+                          "bottleneck hosts only"),
+    }
 
-    def __init__(self, channels, groups=32, reduction=4, variant=None):
+    def __init__(self, channels, groups=None, reduction=4, variant=None):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"ed: unknown variant {variant!r}; valid: None, 'A', 'B'")
         if reduction < 1 or channels % reduction:
             raise ValueError(f"ed: reduction={reduction} must divide channels={channels}")
         hidden = channels // reduction
-        if channels % groups or hidden % groups:
-            raise ValueError(f"ed: groups={groups} must divide channels={channels} and "
-                             f"channels // reduction = {hidden}; set a smaller 'groups'")
+        groups = self.resolve_groups(channels, hidden, groups)
         self.channels, self.hidden, self.groups = channels, hidden, groups
         self.encoder_conv = nn.Conv2d(channels, hidden, 3, stride=2, padding=1, groups=groups, bias=False)
         self.encoder_bn = nn.BatchNorm2d(hidden)
@@ -183,27 +192,47 @@ class ED(nn.Module):
         for conv in (self.encoder_conv, self.decoder_conv):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
+    @staticmethod
+    def resolve_groups(channels, hidden, groups):
+        """The groups used for C = ``channels``, p = ``hidden``: ``groups``, or for None 32 / the largest
+        divisor of both below it (logged); a given value that does not divide both is refused with the fix."""
+        common = math.gcd(channels, hidden)
+        best = max(k for k in range(1, min(DEFAULT_GROUPS, common) + 1) if common % k == 0)
+        if groups is None:
+            if best != DEFAULT_GROUPS:
+                log_adjustment(f"ed: groups {DEFAULT_GROUPS} (the original's) does not divide channels={channels} "
+                               f"and channels // reduction = {hidden}; using groups={best} there")
+            return best
+        if channels % groups or hidden % groups:
+            raise ValueError(f"ed: groups={groups} must divide channels={channels} and channels // reduction = "
+                             f"{hidden}; set groups: {best} (or leave groups unset to adjust it per stage)")
+        return groups
+
     def forward(self, x):
         e = self.relu(self.encoder_bn(self.encoder_conv(x)))
         return self.decoder_bn(decode_to(self.decoder_conv, e, x))
 
     @classmethod
-    def branch_width(cls, width, stage, groups=32, reduction=4, variant=None):
-        """Mid (3x3) width of the host bottleneck for ``variant`` (None: unchanged).
+    def branch_width(cls, width, stage, groups=None, reduction=4, variant=None, host="bottleneck"):
+        """Mid (3x3) width of the host block for ``variant`` (None: unchanged).
 
         'B' halves it. 'A' takes ``a_width`` (where branch + ED path cost what the plain branch
         did, in the ED README's counting) to the nearest multiple of 8 (ResNet) or 32
-        (ResNeXt-32x4d), never below that unit nor above ``width``.
+        (ResNeXt-32x4d), never below that unit nor above ``width``. Both are defined for
+        bottleneck hosts (``host``), as the ED-Net README's models are; a basic block is refused.
         """
         if variant is None:
             return width
+        if host != "bottleneck":
+            raise ValueError(f"ed variant {variant} is defined for bottleneck hosts (resnet50/101/152, resnext*), "
+                             f"not this backbone's {host} blocks; remove 'variant' (docs/ed_variants.md)")
         if variant == "B":
             if width % 2:
                 raise ValueError(f"ed variant B: branch width {width} is odd and cannot be halved")
             return width // 2
         if variant == "A":
             unit = A_HOSTS[reduction][2] if reduction in A_HOSTS else 1
-            target = a_width(width, reduction, groups)
+            target = a_width(width, reduction, DEFAULT_GROUPS if groups is None else groups)
             return min(width, max(unit, int(target / unit + 0.5) * unit))
         raise ValueError(f"ed: unknown variant {variant!r}; valid: None, 'A', 'B'")
 

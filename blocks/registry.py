@@ -4,12 +4,14 @@ Configs name blocks (``{type: ce}``) and convs (``conv: {type: we}``); the
 backbones look them up here. A block is an ``nn.Module`` built as
 ``cls(channels, **options)``; its keyword arguments are its config options, so
 the config loader can refuse unknown options by introspecting the signature.
-Beside its constructor every block and conv declares what each option accepts,
-``OPTIONS = {name: Option(...)}``; registering a class whose declarations and
-keyword arguments differ fails, so no option reaches a model unchecked.
+Beside its constructor every block and conv declares what each option accepts and
+means, ``OPTIONS = {name: Option(...)}``; registering a class whose declarations and
+keyword arguments differ fails, so no option reaches a model unchecked. docs/blocks.md is
+generated from these declarations (``python -m models.block_docs``).
 """
 import difflib
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,15 +27,26 @@ class Option:
     """What one block/conv option accepts: ``type`` (bool, int, float or list), an inclusive
     range ``[low, high]`` for numbers (``low_open``: low itself excluded), or ``choices``
     (for a list, the choices of its items). Floats must be finite; int is accepted for float.
+    ``nullable``: null is accepted too (the block then picks the value). ``requires``: the bool option
+    that must be true for this one to act (set while it is false, it would be ignored: refused).
+    ``doc``: what the option means, for docs/blocks.md.
     """
     type: type
     low: float = None
     high: float = None
     low_open: bool = False
     choices: tuple = None
+    nullable: bool = False
+    requires: str = None
+    doc: str = ""
 
     def allowed(self):
         """The accepted values in words, e.g. 'an integer >= 1' or 'a number in [0, 1]'."""
+        if self.nullable and self.choices is None:
+            return self._allowed() + " or null"
+        return self._allowed()
+
+    def _allowed(self):
         if self.type is list:
             return f"a list of {', '.join(map(str, self.choices))}" if self.choices else "a list"
         if self.choices is not None:
@@ -46,6 +59,8 @@ class Option:
         return what
 
     def accepts(self, value):
+        if value is None and self.nullable:
+            return True
         if self.type is list:
             return isinstance(value, (list, tuple)) and (
                 self.choices is None or all(isinstance(x, str) and x in self.choices for x in value))
@@ -64,12 +79,18 @@ class Option:
 
 
 def check_options(cls, options, where):
-    """Raise ValueError naming ``where.<key>`` and the allowed values for the first option ``cls`` refuses."""
+    """Raise ValueError naming ``where.<key>`` and the allowed values for the first option ``cls`` refuses,
+    or the first one that would be ignored because the switch it ``requires`` is off."""
+    owner = f"block '{cls.block_name}'" if hasattr(cls, "block_name") else f"conv '{cls.conv_name}'"
+    defaults = options_of(cls)
     for key, value in options.items():
         spec = cls.OPTIONS.get(key)
         if spec is not None and not spec.accepts(value):
-            owner = f"block '{cls.block_name}'" if hasattr(cls, "block_name") else f"conv '{cls.conv_name}'"
             raise ValueError(f"{where}.{key}={value!r}: {owner} takes {spec.allowed()} for '{key}'; change it")
+        if spec is not None and spec.requires and not options.get(spec.requires, defaults[spec.requires]):
+            raise ValueError(f"{where}.{key}: {owner} uses '{key}' only with {spec.requires}: true, and "
+                             f"{spec.requires} is false here, so it would be ignored; remove '{key}' or set "
+                             f"{spec.requires}: true")
 
 
 def _check_declared(cls, offered, kind):
@@ -78,6 +99,21 @@ def _check_declared(cls, offered, kind):
         raise ValueError(f"{kind} {cls.__name__}: OPTIONS must declare exactly its constructor's options "
                          f"{sorted(offered)}; undeclared: {sorted(set(offered) - declared)}, "
                          f"not an option: {sorted(declared - set(offered))}")
+
+
+_adjusted = set()
+
+
+def log_adjustment(message):
+    """Log ``message`` (an option a block adjusted, and the value it uses) once per process.
+
+    Goes to the run's console through the ``blocklab`` logger (rank 0; engine.logger), as INFO. Until
+    that logger shows INFO (e.g. the config check before the console is set up) nothing is recorded,
+    so the model built for the run still says it."""
+    log = logging.getLogger("blocklab.blocks")
+    if message not in _adjusted and log.isEnabledFor(logging.INFO):
+        _adjusted.add(message)
+        log.info(message)
 
 
 def _nearest(name, names):
@@ -119,6 +155,9 @@ def register_conv(name):
 
 
 def get_block(name):
+    if name in CONVS:
+        raise KeyError(f"'{name}' is a conv type, not a plug-in block: remove it from model.plugins and "
+                       f"set model.conv: {{type: {name}}}")
     if name not in BLOCKS:
         raise KeyError(f"unknown block type '{name}'{_nearest(name, BLOCKS)}; "
                        f"registered blocks: {sorted(BLOCKS)}")
@@ -126,6 +165,9 @@ def get_block(name):
 
 
 def get_conv(name):
+    if name in BLOCKS:
+        raise KeyError(f"'{name}' is a plug-in block, not a conv type: set model.conv: {{type: plain}} and add "
+                       f"{{type: {name}}} to model.plugins")
     if name not in CONVS:
         raise KeyError(f"unknown conv type '{name}'{_nearest(name, CONVS)}; "
                        f"registered convs: {sorted(CONVS)}")

@@ -14,7 +14,8 @@ from .registry import Option, register_block
 class SE(nn.Module):
     """Channel gating from globally pooled features (reduction ``reduction``)."""
 
-    OPTIONS = {"reduction": Option(int, low=1)}
+    OPTIONS = {"reduction": Option(int, low=1, doc="reduction ratio r: hidden width max(C // r, 1) "
+                                   "(16 in the SE paper and ED-Net's SE models)")}
 
     def __init__(self, channels, reduction=16):
         super().__init__()

@@ -200,8 +200,15 @@ class WEConv2d(nn.Conv2d):
     (``M_A = (1 + mwe_margin) * max|W|``); ``ws_eps`` is WS's epsilon.
     """
 
-    OPTIONS = {"lwe": Option(bool), "mwe": Option(bool), "ws": Option(bool), "reduction": Option(int, low=1),
-               "mwe_margin": Option(float, low=0, low_open=True), "ws_eps": Option(float, low=0, low_open=True)}
+    OPTIONS = {
+        "lwe": Option(bool, doc="location-wise excitation: a per-filter gate from an MLP on the weights"),
+        "mwe": Option(bool, doc="magnitude-based excitation of every weight (M_A = (1 + mwe_margin) * max|W|)"),
+        "ws": Option(bool, doc="weight standardisation before LWE/MWE (needs >= 2 weights per filter)"),
+        "reduction": Option(int, low=1, requires="lwe", doc="LWE MLP reduction ratio r: hidden width "
+                            "max(C_in // r, 1)"),
+        "mwe_margin": Option(float, low=0, low_open=True, requires="mwe", doc="the paper's epsilon_A of MWE"),
+        "ws_eps": Option(float, low=0, low_open=True, requires="ws", doc="epsilon of weight standardisation"),
+    }
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1,
                  bias=False, dilation=1, lwe=True, mwe=True, ws=False, reduction=16,

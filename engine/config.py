@@ -41,10 +41,24 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+_NO_SPACE = re.compile(r"^[A-Za-z_][\w.]*:[^\s/]")  # 'type:ce' (a URL 'http://...' is not one)
+
+
+def _colon_hint(text):
+    """' (write 'type: ce'...)' when ``text`` reads as a key and value typed without the space YAML needs."""
+    if isinstance(text, str) and _NO_SPACE.match(text):
+        key, value = text.split(":", 1)
+        return f"; '{text}' reads as one word: write '{key}: {value}' (YAML needs a space after the colon)"
+    return ""
+
+
 def _construct_mapping(loader, node, deep=False):
     keys = set()
-    for key_node, _ in node.value:
+    for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if value_node.tag.endswith(":null") and value_node.value == "" and _colon_hint(key):
+            raise ConfigError(f"key '{key}' (line {key_node.start_mark.line + 1}) has no value"
+                              f"{_colon_hint(key)}")
         if key in keys:
             raise ConfigError(f"key '{key}' is given twice (line {key_node.start_mark.line + 1}); "
                               f"keep one of them")
@@ -178,7 +192,7 @@ def read_tree(path, _stack=()):
         tree = {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got "
-                          f"{type(tree).__name__}; write 'section: {{key: value}}'")
+                          f"{type(tree).__name__}" + (_colon_hint(tree) or "; write 'section: {key: value}'"))
     bases = tree.pop(BASE_KEY, [])
     if isinstance(bases, str):
         bases = [bases]
@@ -283,8 +297,8 @@ def validate(tree, schema, prefix=""):
     """Return ``tree`` with defaults filled, refusing unknown keys and bad values."""
     if not isinstance(tree, Mapping):
         where = prefix.rstrip(".") or "config"
-        raise ConfigError(f"{where} must be a mapping of keys, got {tree!r}; write "
-                          f"'{where.rsplit('.', 1)[-1]}: {{key: value}}' (keys: {', '.join(map(str, schema))})")
+        raise ConfigError(f"{where} must be a mapping of keys, got {tree!r}" + (_colon_hint(tree) or
+                          f"; write '{where.rsplit('.', 1)[-1]}: {{key: value}}' (keys: {', '.join(map(str, schema))})"))
     out = {}
     for k, v in tree.items():
         path = f"{prefix}{k}"

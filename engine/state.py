@@ -79,7 +79,14 @@ def training_state(t):
             "ema": t.ema.state_dict() if t.ema is not None else None,
             "epoch": t.epoch, "step": t.step, "iter_in_epoch": t.iter_in_epoch,
             "rng": [r["now"] for r in rng], "rng_epoch_start": [r["epoch_start"] for r in rng],
-            "config": t.cfg.to_dict(), "best_metric": t.best_metric}
+            "config": t.cfg.to_dict(), "best_metric": t.best_metric, "classes": class_names(t.train_set)}
+
+
+def class_names(dataset):
+    """The dataset's class names (index = label) as strings, or None when it has none (synthetic, list files).
+    Stored as the checkpoint's ``classes`` for tools.predict and tools.deploy (data.preprocess)."""
+    classes = getattr(dataset, "classes", None)
+    return [str(c) for c in classes] if classes else None
 
 
 def resume(t):

@@ -9,7 +9,7 @@ import inspect
 import torch
 
 from blocks.conv import EXCLUDE, ConvFactory, conv_option_names
-from blocks.registry import CONVS, check_options, get_block, get_conv
+from blocks.registry import check_options, get_block, get_conv
 from engine.fields import ConfigError
 
 from .cifar_resnet import CifarResNet, build_cifar_resnet
@@ -101,9 +101,10 @@ def validate_model_cfg(model_cfg, build=True):
                               f"{_nearest(key, accepted)}; valid: {', '.join(sorted(accepted))}")
     conv_cfg = dict(_get(model_cfg, "conv", {"type": "plain"}) or {})
     conv_type = conv_cfg.get("type", "plain")
-    if conv_type not in CONVS:
-        raise ConfigError(f"model.conv.type: unknown conv type '{conv_type}'{_nearest(conv_type, CONVS)}; "
-                          f"valid: {', '.join(sorted(CONVS))}")
+    try:
+        get_conv(conv_type)
+    except KeyError as e:
+        raise ConfigError(f"model.conv.type: {e.args[0]}") from None
     conv_opts = conv_option_names(conv_type) | {"type", "exclude"}
     for key in conv_cfg:
         if key not in conv_opts:
@@ -159,6 +160,8 @@ def _validate_plugins(plugins, backbone, cls):
         if position not in cls.places:
             raise ConfigError(f"{where}: block '{block.block_name}' needs a '{position}' place, which backbone "
                               f"'{backbone}' does not offer (it offers {', '.join(cls.places)})")
+        if not isinstance(raw.get("stem", False), bool):
+            raise ConfigError(f"{where}.stem={raw['stem']!r} must be true or false")
         if raw.get("stem") and not block.stem_ok:
             raise ConfigError(f"{where}.stem: block '{block.block_name}' cannot follow the stem norm; remove 'stem'")
         stages = raw.get("stages")
@@ -170,6 +173,9 @@ def _validate_plugins(plugins, backbone, cls):
             if bad:
                 raise ConfigError(f"{where}.stages: {bad} out of range; backbone '{backbone}' has stages "
                                   f"1..{cls.num_stages}")
+            if not stages_l and not raw.get("stem"):
+                raise ConfigError(f"{where}.stages is empty, so the block would be placed nowhere; list stages "
+                                  f"(1..{cls.num_stages}), remove 'stages' for all of them, or remove the entry")
         opts = block_options(parse_plugins([raw])[0])
         for key in raw:
             if key not in SPEC_KEYS and key not in opts:
@@ -177,6 +183,23 @@ def _validate_plugins(plugins, backbone, cls):
                 raise ConfigError(f"{where}.{key}: block '{block.block_name}' has no option '{key}'"
                                   f"{_nearest(key, valid)}; valid: {', '.join(valid)}")
         _check_options(block, {k: v for k, v in raw.items() if k not in SPEC_KEYS}, where)
+    _refuse_repeats(parse_plugins(plugins), cls.num_stages)
+
+
+def _refuse_repeats(specs, num_stages):
+    """The same block twice at one place (same position and stage, or both on the stem) is refused:
+    stacking two copies is rarely meant (a pasted line). Disjoint stages may differ in options."""
+    seen = {}
+    for i, spec in enumerate(specs):
+        places = {(spec.position, s) for s in (spec.stages if spec.stages is not None else range(1, num_stages + 1))}
+        places |= {("stem", 0)} if spec.stem else set()
+        for j, other in seen.get(spec.type, []):
+            common = sorted(places & other)
+            if common:
+                where = "the stem" if common[0][0] == "stem" else f"stage {common[0][1]}"
+                raise ConfigError(f"model.plugins.{i} repeats block '{spec.type}' of model.plugins.{j} at {where}; "
+                                  f"remove one, or give them disjoint 'stages' (and 'stem' on one only)")
+        seen.setdefault(spec.type, []).append((i, places))
 
 
 def _check_options(cls, options, where):

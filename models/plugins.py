@@ -11,6 +11,14 @@ import blocks  # noqa: F401  (registers the built-in blocks)
 from blocks.registry import get_block, options_of
 
 SPEC_KEYS = ("type", "position", "stages", "stem")
+SPEC_DOCS = {  # the keys every model.plugins entry takes: (type, default, meaning), for docs/blocks.md
+    "type": ("string", "required", "the block's registered name (ce, ed, se, ...); a conv type (we) goes in model.conv"),
+    "position": ("string", "the block's first position", "where it attaches: after_norm (on the residual branch "
+                 "after its last norm) or parallel (a path fed by the shortcut, added into the sum)"),
+    "stages": ("list of int", "`null`", "1-based stage numbers it is placed in; null: every stage; an empty list "
+               "only with stem: true"),
+    "stem": ("bool", "`false`", "also place one after the stem norm (blocks that allow it)"),
+}
 
 
 @dataclass(frozen=True)
@@ -95,12 +103,12 @@ def attach_stem(host, specs, channels):
     return names
 
 
-def branch_width(specs, width, stage, groups=1):
-    """Mid width of a host bottleneck after blocks that resize it (ED -A/-B) have their say."""
+def branch_width(specs, width, stage, groups=1, host="bottleneck"):
+    """Mid width of a host block ('bottleneck' or 'basic') after blocks that resize it (ED -A/-B) have their say."""
     for spec in specs:
         hook = getattr(spec.cls, "branch_width", None)
         if hook is not None and spec.applies(stage, spec.position):
-            new = hook(width, stage, **spec.options)
+            new = hook(width, stage, host=host, **spec.options)
             width = max(groups, int(round(new / groups)) * groups)  # grouped convs need multiples
     return width
 

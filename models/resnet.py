@@ -20,7 +20,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and base_width=64")
-        width = branch_width(specs, planes, stage)
+        width = branch_width(specs, planes, stage, host="basic")
         self.conv1 = conv(inplanes, width, 3, stride=stride, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)

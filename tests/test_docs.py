@@ -391,12 +391,24 @@ def test_entry_points_name_configs_that_exist():
 
 
 
-def test_config_reference_lists_every_schema_key():
+def printed(main):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        schema.main()
+        main()
+    return out.getvalue().strip()
+
+
+def test_config_reference_lists_every_schema_key():
     doc = (ROOT / "docs" / "config_reference.md").read_text()
-    assert out.getvalue().strip() in doc, "regenerate: python -m engine.schema (see docs/config_reference.md)"
+    assert printed(schema.main) in doc, "regenerate: python -m engine.schema (see docs/config_reference.md)"
+
+
+def test_block_reference_is_generated_from_the_registries():
+    """docs/blocks.md lists every block/conv option and the block x backbone table as the code has them."""
+    from models import block_docs
+    doc = (ROOT / "docs" / "blocks.md").read_text()
+    assert printed(block_docs.main) in doc, "regenerate: python -m models.block_docs (see docs/blocks.md)"
+    assert "| `cifar_resnet20` | yes, stem too | yes | yes |" in doc  # ED's default groups work on CIFAR
 
 
 def test_ci_runs_the_readme_test_command():

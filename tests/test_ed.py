@@ -123,8 +123,8 @@ def test_channels_last_and_autocast():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="groups"):
-        ED(64)            # 64 // 4 = 16 hidden channels cannot form 32 groups
+    with pytest.raises(ValueError, match="set groups: 16"):
+        ED(64, groups=32)  # 64 // 4 = 16 hidden channels cannot form 32 groups
     with pytest.raises(ValueError, match="variant"):
         ED(256, variant="C")
     with pytest.raises(ValueError, match="reduction"):

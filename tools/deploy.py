@@ -24,6 +24,12 @@ A features-only model (``--cfg-options model.features_only=true model.out_indice
 its maps: ONNX outputs ``feature_0``, ``feature_1``, ..., a dict from TorchScript and torch.export;
 each map is checked.
 
+The file carries the preprocessing a user must apply and the class names (data.preprocess): input
+size, eval resize, mean/std, layout (NCHW float32, RGB, uint8 / 255 then (x - mean) / std) and the
+checkpoint's ``classes``, as ONNX ``metadata_props`` (keys ``blocklab.*``, JSON values) or, for
+TorchScript and torch.export, a sidecar ``FILE.json`` with the same keys; they are printed too.
+``python -m tools.predict FILE IMAGE...`` reads them.
+
 Only then is the file written (a temporary file renamed into place): a failed step leaves no file.
 Exit 0 on success, 2 for bad input (one line: missing file, a checkpoint of another architecture,
 unknown format, onnxruntime not installed), 1 when export or the check fails.
@@ -31,6 +37,7 @@ unknown format, onnxruntime not installed), 1 when export or the check fails.
 import argparse
 import importlib
 import io
+import json
 import os
 import sys
 import tempfile
@@ -88,7 +95,7 @@ def check_args(args):
 
 
 def load_model(args):
-    """(config, eval model with the checkpoint's weights, weights load report)."""
+    """(config, eval model with the checkpoint's weights, weights load report, the checkpoint's class names)."""
     from engine.checkpoint import load_checkpoint
     from engine.config import load_config
     from engine.hub import resolve_checkpoint
@@ -97,6 +104,7 @@ def load_model(args):
     cfg = load_config(args.config, args.cfg_options)
     model = build_model(cfg.model)
     state = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    classes = state.get("classes") if isinstance(state, dict) else None
     if args.ema:
         if not (isinstance(state, dict) and isinstance(state.get("ema"), dict)):
             raise DeployError(f"{args.checkpoint} holds no EMA weights; drop --ema")
@@ -105,7 +113,30 @@ def load_model(args):
         report = load_weights(model, state)
     except WeightsMismatchError as exc:
         raise DeployError(f"checkpoint {args.checkpoint}: {str(exc).replace('weights in <state dict> ', '', 1)}") from None
-    return cfg, model.float().eval(), report
+    return cfg, model.float().eval(), report, classes
+
+
+def preprocessing(cfg, classes, size):
+    """The data.preprocess.Preprocessing of the exported file: the config's eval recipe at input side ``size``
+    (None: the config's input size)."""
+    import dataclasses
+
+    from data.preprocess import Preprocessing
+    pre = Preprocessing.from_config(cfg.data, classes)
+    size = size or pre.input_size
+    resize = max(pre.eval_resize, size) if pre.eval_resize else None
+    return dataclasses.replace(pre, input_size=size, eval_resize=resize)
+
+
+def with_metadata(data, fmt, metadata):
+    """ONNX bytes with ``metadata`` added to its metadata_props; other formats unchanged (they get a sidecar)."""
+    if fmt != "onnx":
+        return data
+    import onnx
+    proto = onnx.load_from_string(data)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    return proto.SerializeToString()
 
 
 def check_shapes(batch, size, dynamic):
@@ -184,8 +215,9 @@ def deploy(args):
     from engine.checkpoint import atomic_write
     from models.inference import relative_error, to_inference
     check_args(args)
-    cfg, model, report = load_model(args)
-    size = args.input_size or int(cfg.data.input_size)
+    cfg, model, report, classes = load_model(args)
+    pre = preprocessing(cfg, classes, args.input_size)
+    size = pre.input_size
     in_chans = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(n, in_chans, h, w, generator=gen) for n, h, w in check_shapes(args.batch, size, args.dynamic)]
@@ -206,7 +238,8 @@ def deploy(args):
                           f"(limit {TOLERANCE:g}); nothing written")
     start = time.time()
     try:
-        data = export_bytes(inf, inputs[0], args.format, args.dynamic, args.onnx_exporter)
+        data = with_metadata(export_bytes(inf, inputs[0], args.format, args.dynamic, args.onnx_exporter),
+                             args.format, pre.metadata())
         run = runner(data, args.format)
         with torch.no_grad():
             errs = [relative_error(run(x), ref) for x, ref in zip(inputs, eager)]
@@ -221,7 +254,18 @@ def deploy(args):
     if bad:
         raise CheckFailed(f"the {args.format} file's outputs differ from eager eval: relative error {bad[0][1]:.1e} "
                           f"at input {bad[0][0]} (limit {TOLERANCE:g}); nothing written")
-    atomic_write(args.out, lambda f: f.write(data), fix="pass --out FILE in a writable folder")
+    fix = "pass --out FILE in a writable folder"
+    if args.format != "onnx":  # the sidecar first: a model file is never left without its metadata
+        sidecar = json.dumps(pre.metadata(), indent=2).encode()
+        atomic_write(args.out + ".json", lambda f: f.write(sidecar), fix=fix)
+    try:
+        atomic_write(args.out, lambda f: f.write(data), fix=fix)
+    except Exception:
+        if args.format != "onnx":
+            os.remove(args.out + ".json")
+        raise
+    where = "metadata_props" if args.format == "onnx" else f"{args.out}.json"
+    print(f"preprocessing ({where}): {pre.describe()}")
     runtime = {"onnx": "onnxruntime", "torchscript": "torch.jit.load", "export": "torch.export.load"}[args.format]
     shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
     exporter = f" ({args.onnx_exporter} exporter)" if args.format == "onnx" else ""
