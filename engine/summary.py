@@ -4,11 +4,13 @@ import os
 
 def describe_blocks(model_cfg):
     """'ce after_norm in stages [1, 2, 3] (group_channels=16)' per plug-in, and the conv type when it is not plain."""
+    from models.plugins import parse_plugins
     parts = []
-    for p in model_cfg.get("plugins") or []:
-        where = " ".join([p.get("position", "")] + ([f"in stages {p['stages']}"] if "stages" in p else []))
-        options = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("type", "position", "stages"))
-        parts.append(f"{p['type']} {where}".strip() + (f" ({options})" if options else ""))
+    for spec in parse_plugins(model_cfg.get("plugins")):
+        where = f" in stages {list(spec.stages)}" if spec.stages else " in every stage"
+        options = ", ".join(f"{k}={v}" for k, v in spec.options.items())
+        parts.append(f"{spec.type} {spec.position}{where}{' and the stem' * spec.stem}"
+                     + (f" ({options})" if options else ""))
     conv = dict(model_cfg.get("conv") or {"type": "plain"})
     if conv.get("type", "plain") != "plain":
         kind = conv.pop("type")

@@ -56,13 +56,12 @@ def train_steps(cfg, model, steps, batch):
     import torch.nn as nn
 
     import data as data_lib
-    from engine.config import from_tree
     from engine.optim import build_optimizer
-    syn = from_tree(cfg.to_dict(), ["data.dataset=synthetic", "data.workers=0", "data.pin_memory=false",
-                                    f"data.synthetic.train_size={batch}", "data.synthetic.num_classes=null"])
-    dataset = data_lib.build_dataset(syn.data, "train", num_classes=cfg.model.num_classes)
-    loader = data_lib.build_loader(dataset, syn.data, "train", batch)
-    transform = data_lib.build_device_transform(syn.data, "train")
+    syn = dict(cfg.data.to_dict(), dataset="synthetic", workers=0, pin_memory=False)  # the config's recipe
+    syn["synthetic"] = dict(syn["synthetic"], train_size=batch, num_classes=None)
+    dataset = data_lib.build_dataset(syn, "train", num_classes=cfg.model.num_classes)
+    loader = data_lib.build_loader(dataset, syn, "train", batch)
+    transform = data_lib.build_device_transform(syn, "train")
     optimizer = build_optimizer(model, dict(cfg.train, lr=cfg.train.lr * batch / cfg.train.batch_size))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     model.train()
@@ -92,7 +91,8 @@ def check(config, overrides, steps=3, batch=2, out=print):
     model_cfg = dict(cfg.model.to_dict(), pretrained=None)
     torch.manual_seed(cfg.runtime.seed)
     model = build_model(model_cfg)
-    plain = build_model(dict(model_cfg, plugins=[], conv={"type": "plain"}))
+    with torch.device("meta"):  # shapes are all the plain backbone's counts need
+        plain = build_model(dict(model_cfg, plugins=[], conv={"type": "plain"}))
     out(f"{config}: {cfg.model.backbone}, {cfg.model.num_classes} classes, {size}x{size} input; blocks: "
         f"{describe_blocks(cfg.model)}" + ("; model.pretrained is not loaded by the check" if
                                            cfg.model.pretrained else ""))
