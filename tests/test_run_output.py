@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from engine.config import dump
 from engine.threads import MAX_AUTO, available_cores, choose_threads
 from engine.trainer import Trainer
 from tests.engine_helpers import ROOT, launch_env, tiny_cfg
@@ -40,14 +41,8 @@ def test_a_busy_machine_gets_one_thread_per_process(monkeypatch):
 
 
 def _tiny_yaml(tmp_path, work):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(f"""
-model: {{backbone: cifar_resnet20, num_classes: 4}}
-data: {{dataset: synthetic, input_size: 8, workers: 0, synthetic: {{train_size: 480, val_size: 9}}}}
-train: {{epochs: 2, batch_size: 8, lr: 0.05}}
-eval: {{interval: 1}}
-runtime: {{device: cpu, work_dir: {work}, log_interval: 1, tensorboard: false}}
-""")
+    cfg = tmp_path / "tiny.yaml"  # 2 epochs of 60 steps (batch 8 over the processes), 9 validation images
+    dump(tiny_cfg(work, "runtime.log_interval=1", train_size=480, val_size=9, epochs=2), str(cfg))
     return cfg
 
 
