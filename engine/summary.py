@@ -1,4 +1,4 @@
-"""The few console lines that describe a run at its start; the full resolved config goes to ``<work_dir>/config.yaml``."""
+"""The few console lines that describe a run at its start (the full resolved config is ``<work_dir>/config.yaml``)."""
 import os
 
 

@@ -332,7 +332,8 @@ class Trainer:
         if metrics["count"] != len(self.val_set):
             self.log.warning("evaluated %d images but the validation set has %d", metrics["count"], len(self.val_set))
         ema = f" | ema top1 {metrics['ema_top1']:.2f}" if self.ema is not None else ""
-        self.log.info(f"val epoch {self.epoch}/{self.cfg.train.epochs}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+        self.log.info(f"val epoch {self.epoch}/{self.cfg.train.epochs}: top1 {metrics['top1']:.2f} "
+                      f"top5 {metrics['top5']:.2f} "
                       f"loss {metrics['loss']:.4f} ({metrics['count']} images, {metrics['time_s']:.1f}s){ema}")
         self.runlog.log("val", self.step, metrics, epoch=self.epoch)
         if self.dist.is_main:

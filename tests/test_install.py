@@ -73,11 +73,11 @@ def test_the_active_venv_wins_over_the_repositorys(tmp_path):
 
 
 def _no_torch_on(path):
+    probe = "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"
     for name in ("python3", "python"):
         for d in path.split(":"):
             exe = os.path.join(d, name)
-            if os.access(exe, os.X_OK) and subprocess.run(
-                    [exe, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"]).returncode == 0:
+            if os.access(exe, os.X_OK) and subprocess.run([exe, "-c", probe]).returncode == 0:
                 return False
     return True
 

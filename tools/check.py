@@ -126,7 +126,8 @@ def _positive(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0].split(":", 1)[1].strip(),
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value (YAML values)")
     p.add_argument("--steps", type=_positive, default=3, help="training steps on synthetic data (default 3)")
