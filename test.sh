@@ -10,7 +10,7 @@
 # (as train.sh). Exit codes: 0 ok, 1 error, 2 refused input, 76 a process died.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"
+. "$ROOT/tools/find_python.sh"
 if [ $# -lt 2 ]; then
   echo "usage: ./test.sh CONFIG CHECKPOINT [NUM_PROCS] [key=value ...]" >&2; exit 2
 fi

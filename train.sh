@@ -15,11 +15,13 @@
 # work directory. SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) to this script or its process
 # group: every process saves a checkpoint at the current step and the script exits
 # with 75 (run it again to continue); Ctrl-C again stops at once.
+# Python: $PYTHON, else the active venv, else ./.venv, else python3/python (the first with
+# torch; tools/find_python.sh).
 # Exit codes: 0 done, 1 error, 2 refused config (nothing written), 3 nan/inf loss,
 # 74 checkpoint write failed, 75 stopped after saving, 76 a process died or never joined.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"
+. "$ROOT/tools/find_python.sh"
 
 CONFIG="configs/default.yaml"
 NUM_PROCS=""

@@ -25,6 +25,9 @@ class SE(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, 1)
         self.gate = nn.Sigmoid()
 
+    def extra_repr(self):
+        return f"{self.fc1.in_channels}, hidden={self.fc1.out_channels}"
+
     def forward(self, x):
         s = x.mean((2, 3), keepdim=True)
         return x * self.gate(self.fc2(self.relu(self.fc1(s))))

@@ -38,7 +38,9 @@ import time
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from engine.logger import LOG_NAME
+
+log = logging.getLogger(LOG_NAME)  # rank 0 prints info; every rank warnings
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -94,12 +96,12 @@ class PreemptionGuard:
         if self.signum is not None:
             if signum != signal.SIGINT or now - self._first < self.repeat_after:
                 return
-            log.warning('second stop signal (SIGINT): stopping immediately')
+            log.info('second stop signal (SIGINT): stopping immediately')
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum, self._first = signum, now
-        log.warning('received %s: stopping at the end of this step (Ctrl-C again stops at once)',
+        log.info('received %s: stopping at the end of this step (Ctrl-C again stops at once)',
                     signal.Signals(signum).name)
 
     def install(self):

@@ -111,6 +111,9 @@ RUNTIME_SCHEMA = {
     "work_dir": Field(None, "directory for checkpoints, logs, config and metrics "
                       "(null: work_dirs/<config file name>)", type=str, nullable=True),
     "device": Field("auto", "auto (cuda when available), cuda or cpu", choices=("auto", "cuda", "cpu")),
+    "threads": Field(None, "CPU threads per process (null: OMP_NUM_THREADS when set, else the cores this "
+                     "process may use / processes on the node, 1 to 8; engine/threads.py)",
+                     type=int, nullable=True, check=_at_least(1)),
     "seed": Field(0, "base random seed (each rank adds its rank)", check=_at_least(0)),
     "deterministic": Field(False, "use deterministic algorithms (slower; cudnn.benchmark off)"),
     "cudnn_benchmark": Field(True, "let cuDNN pick the fastest kernels (ignored when deterministic)"),

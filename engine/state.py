@@ -163,8 +163,7 @@ def resume(t):
     else:
         t.log.warning("checkpoint has RNG states for %d processes, this run has %d: RNG not restored",
                          len(rng), t.dist.world_size)
-    t.log.info("resumed from %s: epoch %d, step %d, iteration %d of the epoch, lr %.6g",
-                  path, t.epoch, t.step, t.iter_in_epoch, t.scheduler.get_last_lr()[0])
+    t.log.info("resumed from %s %s, lr %.6g", path, t.where(), t.scheduler.get_last_lr()[0])
 
 
 def load_pretrained(t, spec, ignore):

@@ -12,6 +12,7 @@ optimizer, scheduler, scaler, EMA, epoch/step/iter_in_epoch, per-rank RNG states
 the config. The train sampler skips the batches already done in the epoch.
 """
 import contextlib
+import importlib.util
 import os
 import time
 
@@ -34,7 +35,9 @@ from engine.optim import IterScheduler, build_optimizer, group_lrs
 from engine.preempt import StopAgreement
 from engine.sampling import set_skip, unwrap_sampler
 from engine.state import capture_rng_state, restore_rng_state, resume, seed_everything, training_state
+from engine.summary import run_summary
 from engine.syncbn import convert_sync_batchnorm
+from engine.threads import set_threads
 
 
 class Trainer:
@@ -49,6 +52,7 @@ class Trainer:
         self.work_dir = rt.work_dir
         self.dist = du.init_distributed(cfg.dist, rt.device)
         self.log = setup_console(self.dist.rank)
+        threads = set_threads(rt.threads)
         self.device, world = self.dist.device, self.dist.world_size
         if tr.batch_size % (world * tr.accum_steps):
             raise ConfigError(f"train.batch_size={tr.batch_size} is not divisible by world_size x accum_steps = "
@@ -140,11 +144,9 @@ class Trainer:
         if err is not None:
             raise (WorkDirBusy if err[0] == "busy" else CheckpointError)(err[1])
         self.runlog = RunLogger(self.work_dir, self.dist.is_main, rt.tensorboard)
-        self.log.info("config:\n%s", dump(cfg).rstrip())
+        for line in run_summary(self, threads):
+            self.log.info("%s", line)
         self._log_pretrained()
-        self.log.info("world size %d (%s), device %s, per-process batch %d x %d accumulation, %d steps/epoch",
-                      world, self.dist.backend or "single process", self.device, self.batch, self.accum,
-                      self.iters_per_epoch)
 
     def _log_pretrained(self):
         """Say what model.pretrained loaded and exactly which keys it skipped and why (log and metrics.jsonl)."""
@@ -261,9 +263,10 @@ class Trainer:
             self.iter_in_epoch += 1
             timer.step_done(images_per_step)
             done = self.iter_in_epoch >= self.iters_per_epoch
-            if self.step % self.cfg.runtime.log_interval == 0 or done:
+            limit = self.cfg.runtime.max_steps and self.step >= self.cfg.runtime.max_steps
+            if self.step % self.cfg.runtime.log_interval == 0 or done or limit:
                 self._log_train(epoch, meter, timer)
-            if self.cfg.runtime.max_steps and self.step >= self.cfg.runtime.max_steps:
+            if limit:
                 return "max_steps"
             if self.stop.poll():
                 return "preempted"
@@ -329,7 +332,8 @@ class Trainer:
         if metrics["count"] != len(self.val_set):
             self.log.warning("evaluated %d images but the validation set has %d", metrics["count"], len(self.val_set))
         ema = f" | ema top1 {metrics['ema_top1']:.2f}" if self.ema is not None else ""
-        self.log.info(f"val epoch {self.epoch}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+        self.log.info(f"val epoch {self.epoch}/{self.cfg.train.epochs}: top1 {metrics['top1']:.2f} "
+                      f"top5 {metrics['top5']:.2f} "
                       f"loss {metrics['loss']:.4f} ({metrics['count']} images, {metrics['time_s']:.1f}s){ema}")
         self.runlog.log("val", self.step, metrics, epoch=self.epoch)
         if self.dist.is_main:
@@ -339,13 +343,26 @@ class Trainer:
                 self.log.warning("%s", e)
         return metrics
 
+    def where(self):
+        """The run's position in the words every message uses: epochs count from 1, as in the step lines."""
+        epochs = self.cfg.train.epochs
+        if self.iter_in_epoch == 0:
+            return f"after epoch {self.epoch}/{epochs} (step {self.step})" if self.epoch else "at the start"
+        return (f"in epoch {self.epoch + 1}/{epochs} at iteration {self.iter_in_epoch}/{self.iters_per_epoch} "
+                f"(step {self.step})")
+
     def _summary(self, status, metrics):
         if not self.dist.is_main:
             return
         if status == "preempted":
-            self.log.info("stopped by %s in epoch %d at iteration %d/%d (step %d); checkpoint %s; run the same "
-                          "command to continue", self.stop.signame or "request", self.epoch + 1, self.iter_in_epoch,
-                          self.iters_per_epoch, self.step, self.ckpt.last_saved)
+            self.log.info("stopped by %s %s; checkpoint %s; run the same command to continue",
+                          self.stop.signame or "request", self.where(), self.ckpt.last_saved)
+            return
+        if status == "max_steps":
+            last = self.ckpt.last_saved or self.ckpt.latest()
+            self.log.info("stopped at runtime.max_steps=%d %s; these steps are not saved (max_steps never saves); "
+                          "%s", self.cfg.runtime.max_steps, self.where(),
+                          f"last checkpoint: {last}" if last else "no checkpoint written")
             return
         if status == "done" and metrics is None and self.epoch >= self.cfg.train.epochs:
             self.log.info("nothing to do: this run already finished its %d epochs", self.epoch)
@@ -356,5 +373,7 @@ class Trainer:
         if self.ckpt.best_path:
             self.log.info("best checkpoint: %s", self.ckpt.best_path)
         if self.cfg.runtime.tensorboard:
-            self.log.info("tensorboard logs: %s  (tensorboard --logdir %s)", self.runlog.tb_dir, self.runlog.tb_dir)
+            view = "" if importlib.util.find_spec("tensorboard") else "pip install tensorboard && "
+            self.log.info("tensorboard logs: %s  (%stensorboard --logdir %s)", self.runlog.tb_dir, view,
+                          self.runlog.tb_dir)
         self.log.info("metrics: %s", os.path.join(self.work_dir, "metrics.jsonl"))

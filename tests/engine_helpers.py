@@ -1,6 +1,7 @@
 """Shared helpers for the engine tests: a tiny model, a tiny synthetic-data config, ./train.sh as users start it."""
 import os
 import subprocess
+import sys
 
 import torch
 import torch.nn as nn
@@ -64,9 +65,11 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "
 
 
 def launch_env():
-    """A user's shell: none of torchrun's variables inherited from the test process, one OMP thread per process."""
+    """A user's shell: none of torchrun's variables inherited from the test process, one OMP thread per process,
+    the scripts run by this test's Python (tests/test_install.py checks how they find one without PYTHON)."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHON"] = sys.executable
     return env
 
 

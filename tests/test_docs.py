@@ -413,7 +413,8 @@ def test_block_reference_is_generated_from_the_registries():
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    command = "pip install -r requirements.txt -r requirements-dev.txt && python -m pytest -q tests"
+    command = ("python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt && "
+               ".venv/bin/python -m pytest -q tests")
     assert command in readme and command in (ROOT / ".ci" / "run").read_text()
 
 

@@ -9,7 +9,7 @@ This launcher imports nothing heavy and:
 * with one process on one node, simply becomes ``python -m MODULE args``;
 * otherwise starts NPROC processes with torchrun's variables (``RANK``,
   ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
-  ``MASTER_PORT``; ``OMP_NUM_THREADS=1`` unless set), ranks
+  ``MASTER_PORT``; the threads per process are chosen by each process: engine/threads.py), ranks
   ``NODE_RANK * NPROC ...`` of ``NNODES * NPROC``; each in its own session, so
   a terminal's Ctrl-C or SLURM's signal to this process group reaches the
   processes once, through this launcher (which forwards SIGTERM/SIGINT/SIGUSR1
@@ -99,7 +99,6 @@ class Launch:
             env = {**os.environ, "RANK": str(self.base + local), "LOCAL_RANK": str(local),
                    "WORLD_SIZE": str(self.world), "LOCAL_WORLD_SIZE": str(self.nproc),
                    "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "BLOCKLAB_LAUNCHER": "1"}
-            env.setdefault("OMP_NUM_THREADS", "1")
             self.procs.append(subprocess.Popen(self.cmd, env=env, preexec_fn=_child_setup))
 
     def _forward(self, signum, frame):

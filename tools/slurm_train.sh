@@ -25,7 +25,7 @@ if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then GPUS="$1"; shift; fi
 GPUS_PER_NODE="${GPUS_PER_NODE:-$(( GPUS < 8 ? GPUS : 8 ))}"
 CPUS_PER_TASK="${CPUS_PER_TASK:-5}"
 SRUN_ARGS="${SRUN_ARGS:-}"
-PYTHON="${PYTHON:-python}"
+. "$ROOT/tools/find_python.sh"
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MASTER_PORT:-}" ]; then

@@ -47,11 +47,13 @@ def evaluate_checkpoint(cfg, spec, ema=False):
     from engine.checkpoint import CheckpointError, load_checkpoint
     from engine.evaluator import evaluate
     from engine.hub import resolve_checkpoint
+    from engine.threads import set_threads
     from models import build_model
     from models.features import require_classifier
     from models.weights import load_weights
     require_classifier(cfg.model, "./test.sh (top-1/top-5 evaluation)")
     info = du.init_distributed(cfg.dist, cfg.runtime.device)
+    set_threads(cfg.runtime.threads)  # as training: runtime.threads, OMP_NUM_THREADS, or cores per process
     dataset = data_lib.build_dataset(cfg.data, "val", num_classes=cfg.model.num_classes)
     loader = data_lib.build_loader(dataset, cfg.data, "val", max(cfg.eval.batch_size // info.world_size, 1),
                                    info.distributed, cfg.runtime.seed)

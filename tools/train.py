@@ -23,7 +23,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value (YAML values)")
-    p.add_argument("--check", action="store_true", help="only load and check the config (exit 0 or 2)")
+    p.add_argument("--check", action="store_true", help="try the combination instead of training: build it, show "
+                   "the blocks placed, run 3 steps on synthetic data, write nothing (python -m tools.check)")
     args = p.parse_args(argv)
     if "=" in args.config:  # only overrides were given
         args.overrides.insert(0, args.config)
@@ -82,11 +83,12 @@ def _run(argv):
     args = parse_args(argv)
     code, err = EXIT_OK, None
     try:
+        if args.check:
+            from tools.check import check
+            return check(args.config, args.overrides)
         cfg = load_config(args.config, args.overrides)
         if cfg.runtime.work_dir is None:
             cfg.runtime.work_dir = default_work_dir(args.config)
-        if args.check:
-            return EXIT_OK
         from engine.trainer import Trainer
         result = Trainer(cfg).train()
         code = EXIT_PREEMPTED if result["status"] == "preempted" else EXIT_OK
