@@ -138,6 +138,8 @@ def resume(t):
     t.epoch, t.step = int(state["epoch"]), int(state["step"])
     t.iter_in_epoch = int(state.get("iter_in_epoch", 0))
     t.best_metric = state.get("best_metric")
+    if t.dist.is_main:
+        t.ckpt.recover_best(t.best_metric)
     old_ipe = state["scheduler"].get("iters_per_epoch", t.iters_per_epoch)
     if old_ipe != t.iters_per_epoch:
         if t.iter_in_epoch:
