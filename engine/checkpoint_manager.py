@@ -117,6 +117,7 @@ class CheckpointManager:
         self.dir = os.path.join(os.fspath(work_dir), CHECKPOINT_DIR)
         self.keep_last, self.mode, self.check_finite = keep_last, mode, check_finite
         self.last_saved = None
+        self.skipped = []  # why load_latest() passed over newer checkpoints
         self._meta = self._read_best_meta()
         self.best_metric = self._meta.get('metric')
         self.best_source = self._meta.get('file')
@@ -323,7 +324,7 @@ class CheckpointManager:
     def load_latest(self, map_location='cpu'):
         """``(state, path)`` of the newest checkpoint that loads; ``(None, None)`` when there are none.
 
-        Unreadable checkpoints are skipped with a warning; if there are checkpoints
+        Unreadable ones are skipped; ``self.skipped`` lists why (one line each); if there are checkpoints
         but none of them loads, raises :class:`CheckpointError` rather than
         silently starting from scratch over them.
         """
@@ -334,9 +335,7 @@ class CheckpointManager:
             except CheckpointError as exc:
                 errors.append(str(exc))
                 continue
-            if errors:
-                log.warning('resuming from %s, the newest intact checkpoint; skipped %d newer: %s', path,
-                            len(errors), '; '.join(errors))
+            self.skipped = errors
             return state, path
         if candidates:
             raise CheckpointError(f'none of the {len(candidates)} checkpoints in {self.dir} can be read (newest: '

@@ -94,6 +94,9 @@ def resume(t):
             state = load_checkpoint(path)
         elif rt.auto_resume:
             state, path = t.ckpt.load_latest()
+            if t.ckpt.skipped and t.dist.is_main:
+                t.log.warning("resuming from %s, the newest intact checkpoint; skipped %d newer: %s", path,
+                              len(t.ckpt.skipped), "; ".join(t.ckpt.skipped))
             found = t.ckpt.candidates()
             if state is None and found:
                 raise ConfigError(f"none of the {len(found)} checkpoints in {t.ckpt.dir} can be read (see the "
