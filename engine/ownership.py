@@ -24,6 +24,7 @@ MAY_CHANGE = (
     "data.workers", "data.prefetch_factor", "data.pin_memory", "data.persistent_workers", "data.fast_decode",
     "data.verify_images", "data.skip_bad_images", "data.channels_last",  # how the data is loaded
     "train.epochs",  # a run may be extended (the schedule is defined over epochs)
+    "train.batch_size",  # e.g. fewer GPUs: the schedule continues in epochs (engine.state.resume)
     "train.accum_steps", "train.amp", "train.channels_last", "train.compile", "train.compile_backend",
     "train.max_nonfinite",  # the same steps, computed another way
     "model.pretrained", "model.pretrained_ignore",  # only used to start a run, never on resume
