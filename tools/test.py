@@ -172,7 +172,9 @@ def _report_differences(args, state, cfg):
     overridden = {o.partition("=")[0] for o in args.overrides}
     lines = []
     for key, old, new in eval_differences(stored, cfg):
-        why = "an explicit override" if key.split("/")[0] in overridden else f"from {args.config}"
+        section, _, names = key.rpartition(".")
+        keys = {f"{section}.{name}" for name in names.split("/")}  # data.mean/normalize: either key sets it
+        why = "an explicit override" if keys & overridden or args.config is None else f"from {args.config}"
         lines.append(f"warning: {key}: {old} in the checkpoint's config, {new} used here ({why})")
     return lines
 
