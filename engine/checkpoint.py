@@ -7,6 +7,9 @@
 * :func:`load_checkpoint` only ever calls ``torch.load(weights_only=True)``: a
   file that needs code to unpickle is refused (nothing in it runs), and empty,
   truncated or foreign files give a one-line :class:`CheckpointError` naming the file.
+* Every checkpoint :func:`save_checkpoint` writes carries a content hash that
+  :func:`load_checkpoint` checks; other files are checked by their zip CRC
+  (:mod:`engine.integrity`): a flipped bit is refused, never loaded.
 * The work directory (``CheckpointManager``, ``check_writable``) is
   :mod:`engine.checkpoint_manager`.
 
@@ -25,6 +28,8 @@ import zipfile
 
 import numpy as np
 import torch
+
+from engine.integrity import is_sealed, seal, unseal, zip_crc_problem
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +180,11 @@ def atomic_write(path, write, fix='pick a writable runtime.work_dir'):
 
 
 def save_checkpoint(state, path):
-    """Write ``state`` (a dict) to ``path`` atomically; see :func:`atomic_write` and :func:`to_plain`."""
-    plain = to_plain(state)
+    """Write ``state`` (a dict) to ``path`` atomically, sealed with its content hash.
+
+    See :func:`atomic_write`, :func:`to_plain` and :mod:`engine.integrity`.
+    """
+    plain = seal(to_plain(state))
     atomic_write(path, lambda f: torch.save(plain, f))
     return os.fspath(path)
 
@@ -252,13 +260,17 @@ def _looks_safetensors(path):
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint with ``torch.load(weights_only=True)``; never runs code from the file."""
+    """Load a checkpoint with ``torch.load(weights_only=True)``; never runs code from the file.
+
+    Its content hash is checked (and removed from the returned state); a file without one is checked
+    by its zip CRC. Any failure is a one-line :class:`CheckpointError` naming the file.
+    """
     path = os.fspath(path)
     problem = describe_file(path)
     if problem is not None:
         raise CheckpointError(problem)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError, ...
         detail = _first_line(exc)
         if any(m in str(exc) for m in _CODE_MARKERS):
@@ -275,3 +287,10 @@ def load_checkpoint(path, map_location='cpu'):
         if isinstance(exc, EOFError) or 'EOF' in detail or 'out of input' in detail:
             raise CheckpointError(f'checkpoint {path} is truncated ({detail}): re-copy or re-download it') from None
         raise CheckpointError(f'checkpoint {path} is corrupt or not a PyTorch checkpoint ({detail})') from None
+    if is_sealed(state):
+        state, problem = unseal(state, path)
+    else:  # a foreign file (torchvision's, the originals', a zoo file): only its zip CRC can tell
+        problem = zip_crc_problem(path) if zipfile.is_zipfile(path) else None
+    if problem is not None:
+        raise CheckpointError(problem)
+    return state

@@ -1,8 +1,9 @@
 """The work directory's checkpoints: the last K, ``best.pth`` and a ``latest`` pointer.
 
 * :class:`CheckpointManager` keeps ``<work_dir>/checkpoints/``: the last K
-  checkpoints, ``best.pth``, a ``latest`` pointer written atomically, and falls
-  back to the previous good checkpoint when the newest cannot be read.
+  checkpoints, ``best.pth`` (an independent copy), a ``latest`` pointer written
+  atomically, and falls back to the newest intact checkpoint when the newest
+  cannot be read or fails its integrity check.
 * :func:`check_writable` checks a work directory before the first training step.
 
 Each file is written and read with :mod:`engine.checkpoint` (atomic, ``weights_only``).
@@ -18,7 +19,7 @@ import zipfile
 
 import torch
 
-from engine.checkpoint import (CheckpointError, _fsync_dir, _host, _why, atomic_write, describe_file,
+from engine.checkpoint import (CheckpointError, _host, _why, atomic_write, describe_file,
                                load_checkpoint, save_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,13 @@ class CheckpointManager:
     """Keeps ``<work_dir>/checkpoints``: last ``keep_last`` checkpoints, ``best.pth`` and a ``latest`` pointer.
 
     ``save(state, tag, metric)`` writes ``epoch_XXX.pth``/``step_XXXXXXX.pth``
-    atomically, points ``latest`` at it, refreshes ``best.pth`` when ``metric``
-    improves (``mode='max'`` or ``'min'``) and deletes older checkpoints beyond
-    ``keep_last`` (None keeps all). ``latest()`` returns the newest readable
-    checkpoint, warning about and skipping unreadable ones; ``load_latest()``
-    also loads it, falling back further if loading fails.
+    (holding its ``metric``) atomically, points ``latest`` at it, copies it to
+    ``best.pth`` when ``metric`` improves (``mode='max'`` or ``'min'``) or when it
+    rewrites best.pth's source with a metric as good, and deletes older checkpoints
+    beyond ``keep_last`` (None keeps all). ``best.json`` caches the best metric;
+    :meth:`recover_best` rebuilds it from the checkpoints. ``latest()`` returns the
+    newest checkpoint that looks readable; ``load_latest()`` loads the newest intact
+    one (content hash checked), saying which newer ones it skipped and why.
     """
 
     def __init__(self, work_dir, keep_last=3, mode='max', check_finite=True):
@@ -114,6 +117,7 @@ class CheckpointManager:
         self.dir = os.path.join(os.fspath(work_dir), CHECKPOINT_DIR)
         self.keep_last, self.mode, self.check_finite = keep_last, mode, check_finite
         self.last_saved = None
+        self.skipped = []  # why load_latest() passed over newer checkpoints
         self._meta = self._read_best_meta()
         self.best_metric = self._meta.get('metric')
         self.best_source = self._meta.get('file')
@@ -153,11 +157,13 @@ class CheckpointManager:
         os.makedirs(self.dir, exist_ok=True)
         self._clean_stale_tmp()
         previous = self.checkpoints()
+        if metric is not None and isinstance(state, dict):  # best.json is a cache: each checkpoint knows its metric
+            state = {**state, 'metric': float(metric), 'file': name}
         save_checkpoint(state, path)
         self._make_newest(path, previous)
         self.last_saved = path
         atomic_write(self.path(LATEST), lambda f: f.write((name + '\n').encode()))
-        if metric is not None and self._improves(metric):
+        if metric is not None and (self._improves(metric) or self._rewrites_best(name, metric)):
             self._save_best(path, name, metric)
         self._prune(keep=path)
         return path
@@ -175,31 +181,59 @@ class CheckpointManager:
         except OSError:
             pass
 
+    def _rewrites_best(self, name, metric):
+        """``name`` is best.pth's source file, written again (e.g. after a fallback) with a metric as good."""
+        if name != self.best_source:
+            return False
+        if metric == self.best_metric:
+            return True
+        log.warning('%s was the best checkpoint (%s) and is now rewritten with %s; best.pth keeps the earlier '
+                    'model', name, self.best_metric, metric)
+        return False
+
     def _improves(self, metric):
         if self.best_metric is None:
             return True
         return metric > self.best_metric if self.mode == 'max' else metric < self.best_metric
 
     def _save_best(self, path, name, metric):
-        best = self.path(BEST)
-        link = os.path.join(self.dir, f'.{BEST}.link.{_host()}.{os.getpid()}.tmp')
-        try:  # a hard link costs no I/O; os.replace makes it appear atomically
-            if os.path.lexists(link):
-                os.remove(link)
-            os.link(path, link)
-            os.replace(link, best)
-            _fsync_dir(self.dir)
-        except OSError:  # filesystems without hard links: copy
-            if os.path.lexists(link):
-                os.remove(link)
-
-            def copy(f):
-                with open(path, 'rb') as src:
-                    shutil.copyfileobj(src, f, 1 << 22)
-            atomic_write(best, copy)
+        """Copy ``path`` to ``best.pth`` (atomically): a file of its own, so damage to one never reaches the other."""
+        def copy(f):
+            with open(path, 'rb') as src:
+                shutil.copyfileobj(src, f, 1 << 22)
+        atomic_write(self.path(BEST), copy)
         self.best_metric, self.best_source = float(metric), name
         self._meta.update({'file': name, 'metric': float(metric), 'mode': self.mode})
         self._write_meta()
+
+    def recover_best(self, resumed_best=None):
+        """With ``best.json`` missing, take the best metric from the checkpoints (it is only a cache of them).
+
+        The candidates: ``resumed_best`` (the ``best_metric`` stored in the checkpoint resumed from)
+        and the metric stored in ``best.pth`` (loaded and checked). Returns the recovered value.
+        """
+        if self.best_metric is not None:
+            return self.best_metric
+        found = [(float(resumed_best), None)] if resumed_best is not None else []
+        if os.path.isfile(self.path(BEST)):
+            try:
+                state = load_checkpoint(self.path(BEST))
+                if isinstance(state, dict) and state.get('metric') is not None:
+                    found.append((float(state['metric']), state.get('file')))
+            except CheckpointError as exc:
+                log.warning('%s; the best metric is recovered without it', exc)
+        if not found:
+            return None
+        pick = max if self.mode == 'max' else min
+        self.best_metric, self.best_source = pick(found, key=lambda f: f[0])
+        self._meta.update({'metric': self.best_metric, 'mode': self.mode,
+                           **({'file': self.best_source} if self.best_source else {})})
+        log.warning('%s was missing: best %s recovered from the checkpoints', self.path(BEST_META), self.best_metric)
+        try:
+            self._write_meta()
+        except CheckpointError as exc:
+            log.warning('%s', exc)
+        return self.best_metric
 
     def record_best_of(self, metrics, keys=('top1', 'top5')):
         """Keep in best.json the best value of each of ``keys`` over every evaluation, each on its own.
@@ -290,21 +324,49 @@ class CheckpointManager:
     def load_latest(self, map_location='cpu'):
         """``(state, path)`` of the newest checkpoint that loads; ``(None, None)`` when there are none.
 
-        Unreadable checkpoints are skipped with a warning; if there are checkpoints
+        Unreadable ones are skipped; ``self.skipped`` lists why (one line each); if there are checkpoints
         but none of them loads, raises :class:`CheckpointError` rather than
         silently starting from scratch over them.
         """
         candidates, errors = self.candidates(), []
         for path in candidates:
             try:
-                return load_checkpoint(path, map_location), path
+                state = load_checkpoint(path, map_location)
             except CheckpointError as exc:
                 errors.append(str(exc))
-                log.warning('%s; falling back to an older checkpoint', exc)
+                continue
+            self.skipped = errors
+            return state, path
         if candidates:
             raise CheckpointError(f'none of the {len(candidates)} checkpoints in {self.dir} can be read (newest: '
                                   f'{errors[0]}); move them away to start afresh, or set runtime.auto_resume=false')
         return None, None
+
+
+def run_checkpoint(path):
+    """The checkpoint a work dir, its ``checkpoints/`` folder or a ``latest`` pointer file stands for.
+
+    A work dir means its ``best.pth``, else the newest readable checkpoint (the one the ``latest`` pointer
+    names, when intact). Returns None when ``path`` is none of these; raises :class:`CheckpointError`
+    for a work dir without checkpoints or a pointer to a missing file.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.basename(path) == LATEST:
+        target = CheckpointManager(os.path.dirname(os.path.dirname(os.path.abspath(path)))).read_pointer()
+        if target is None or not os.path.isfile(target):
+            raise CheckpointError(f'checkpoint pointer {path} names {target or "nothing readable"}, which is '
+                                  f'missing; give a checkpoint file of {os.path.dirname(path)}')
+        return target
+    if not os.path.isdir(path):
+        return None
+    folder = path if os.path.basename(os.path.normpath(path)) == CHECKPOINT_DIR else os.path.join(path, CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return None
+    manager = CheckpointManager(os.path.dirname(os.path.abspath(folder)))
+    found = manager.best_path or manager.latest()
+    if found is None:
+        raise CheckpointError(f'work dir {path} holds no readable checkpoint in {folder}')
+    return found
 
 
 def quick_check(path):

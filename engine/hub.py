@@ -2,7 +2,8 @@
 
 ``resolve_checkpoint(spec)`` returns a local file for
 
-* an existing path;
+* an existing path; a work dir (its ``best.pth``, else its newest readable
+  checkpoint) or a ``checkpoints/latest`` pointer file stand for that checkpoint;
 * a name in ``model_zoo/index.yaml`` (its ``file``, relative to the index, or its ``url``);
 * a URL (``http(s)://``, ``file://``), downloaded once into the cache
   (``$BLOCKLAB_CACHE`` or ``~/.cache/blocklab``) through a temporary file.
@@ -28,6 +29,7 @@ import urllib.request
 import yaml
 
 from engine.checkpoint import CheckpointError, atomic_write
+from engine.checkpoint_manager import run_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +184,11 @@ def resolve_checkpoint(spec, cache_dir=None, index=None, progress=False):
         return download(spec, cache_dir, entry.get('sha256') if entry else None, progress)
     path = os.path.expanduser(spec)
     if os.path.exists(path):
+        found = run_checkpoint(path)
+        if found is not None:
+            return found
         if os.path.isdir(path):
-            raise HubError(f'checkpoint {spec} is a directory; give the .pth file inside it')
+            raise HubError(f'checkpoint {spec} is a directory without checkpoints/; give a .pth file or a work dir')
         return path
     models = load_index(index)
     if spec in models:

@@ -108,8 +108,8 @@ EVAL_SCHEMA = {
 }
 
 RUNTIME_SCHEMA = {
-    "work_dir": Field(None, "directory for checkpoints, logs, config and metrics "
-                      "(null: work_dirs/<config file name>)", type=str, nullable=True),
+    "work_dir": Field(None, "directory for checkpoints, logs, config and metrics (null: work_dirs/<config path "
+                      "under configs/ without .yaml>, e.g. work_dirs/imagenet/cenet/resnet50)", type=str, nullable=True),
     "device": Field("auto", "auto (cuda when available), cuda or cpu", choices=("auto", "cuda", "cpu")),
     "threads": Field(None, "CPU threads per process (null: OMP_NUM_THREADS when set, else the cores this "
                      "process may use / processes on the node, 1 to 8; engine/threads.py)",
@@ -125,6 +125,8 @@ RUNTIME_SCHEMA = {
                                  check=_at_least(0)),
     "keep_last": Field(3, "keep the last K checkpoints (best.pth is kept separately)", check=_at_least(1)),
     "auto_resume": Field(True, "resume from the work directory's latest checkpoint when there is one"),
+    "resume_mismatch": Field("refuse", "a work dir whose config.yaml trained another model/recipe: refuse, or "
+                             "allow continuing it with the differing keys (logged)", choices=("refuse", "allow")),
     "resume_from": Field(None, "resume from this checkpoint path instead (full training state)",
                          type=str, nullable=True),
     "handle_signals": Field(True, "on SIGTERM/SIGUSR1/SIGINT save at the current step and exit with code 75"),

@@ -101,6 +101,9 @@ def resume(t):
             state = load_checkpoint(path)
         elif rt.auto_resume:
             state, path = t.ckpt.load_latest()
+            if t.ckpt.skipped and t.dist.is_main:
+                t.log.warning("resuming from %s, the newest intact checkpoint; skipped %d newer: %s", path,
+                              len(t.ckpt.skipped), "; ".join(t.ckpt.skipped))
             found = t.ckpt.candidates()
             if state is None and found:
                 raise ConfigError(f"none of the {len(found)} checkpoints in {t.ckpt.dir} can be read (see the "
@@ -145,6 +148,8 @@ def resume(t):
     t.epoch, t.step = int(state["epoch"]), int(state["step"])
     t.iter_in_epoch = int(state.get("iter_in_epoch", 0))
     t.best_metric = state.get("best_metric")
+    if t.dist.is_main:
+        t.ckpt.recover_best(t.best_metric)
     old_ipe = state["scheduler"].get("iters_per_epoch", t.iters_per_epoch)
     if old_ipe != t.iters_per_epoch:
         if t.iter_in_epoch:

@@ -32,6 +32,7 @@ from engine.lock import WorkDirBusy, WorkDirLock
 from engine.logger import RunLogger, setup_console
 from engine.meters import SumMeter, Throughput, format_eta
 from engine.optim import IterScheduler, build_optimizer, group_lrs
+from engine.ownership import check_owner, describe_diff
 from engine.preempt import StopAgreement
 from engine.sampling import set_skip, unwrap_sampler
 from engine.state import capture_rng_state, restore_rng_state, resume, seed_everything, training_state
@@ -120,6 +121,11 @@ class Trainer:
         self.lock = WorkDirLock(self.work_dir)
         self.pretrained = None  # (path, models.weights.LoadReport) when model.pretrained initialised this run
         resumed = self.ckpt.read_pointer()
+        changed = check_owner(self.work_dir, cfg.to_dict(), bool(self.ckpt.candidates()),
+                              allow=rt.resume_mismatch == "allow")
+        if changed:
+            self.log.warning("runtime.resume_mismatch=allow: continuing %s with %s", self.work_dir,
+                             describe_diff(changed, limit=len(changed)))
         resume(self)
 
         # only now write into the work directory: rank 0 locks it first (the others learn whether it worked)

@@ -137,15 +137,16 @@ def _trained_as(checkpoint):
     return f" (it was trained as {model['backbone']} with {', '.join(plugins) or 'no plug-ins'})"
 
 
-def load_weights(model, checkpoint, strict=True, source="auto", ignore=(), new_head=False):
+def load_weights(model, checkpoint, strict=True, source="auto", ignore=(), new_head=False, name=None, fix=None):
     """Load ``checkpoint`` (a path or a loaded object) into ``model`` and return a :class:`LoadReport`.
 
     ``ignore``: glob patterns of model keys to leave as initialised (e.g. ``['fc.*']`` for a new
     classifier). ``new_head``: leave the classifier as initialised when the checkpoint's does not fit
     (fine-tuning to another class count). With ``strict`` any other missing/unexpected/wrong-shape key
     raises :class:`WeightsMismatchError`; without it the matching tensors load and the report says what did not.
+    ``name``: the file a loaded ``checkpoint`` came from; ``fix``: the error's advice (default: fine-tuning's).
     """
-    name = checkpoint if isinstance(checkpoint, str) else "<state dict>"
+    name = checkpoint if isinstance(checkpoint, str) else (name or "<state dict>")
     if isinstance(checkpoint, str):
         from engine.checkpoint import load_checkpoint
         checkpoint = load_checkpoint(checkpoint)
@@ -177,7 +178,7 @@ def load_weights(model, checkpoint, strict=True, source="auto", ignore=(), new_h
         if not key.endswith(BENIGN_MISSING):
             report.missing.append(key)
     if strict and not report.ok:
-        hint = ("build the checkpoint's architecture (model.backbone, backbone_args, conv, plugins; only the "
+        hint = fix or ("build the checkpoint's architecture (model.backbone, backbone_args, conv, plugins; only the "
                 "classifier may differ), or list the keys not to load in model.pretrained_ignore"
                 if new_head else "if this is intended (e.g. a new classifier) list the keys to skip in "
                 "model.pretrained_ignore, e.g. ['fc.*']")

@@ -171,8 +171,11 @@ def test_eval_counts_each_image_once_with_padding_sampler(n, world):
 def test_refused_resume_writes_nothing(tmp_path):
     run(tiny_cfg(tmp_path / "a", "train.epochs=1"))
     before = {p: os.path.getmtime(os.path.join(tmp_path / "a", p)) for p in os.listdir(tmp_path / "a")}
-    with pytest.raises(ConfigError, match="different model"):
+    with pytest.raises(ConfigError, match=r"holds a run of another recipe \(model\.num_classes: 4 -> 5\)"):
         Trainer(tiny_cfg(tmp_path / "a", "model.num_classes=5", "train.epochs=1"), model_fn=tiny_model)
+    with pytest.raises(ConfigError, match="different model"):  # forced past config.yaml: the checkpoint's config
+        Trainer(tiny_cfg(tmp_path / "a", "model.num_classes=5", "train.epochs=1", "runtime.resume_mismatch=allow"),
+                model_fn=tiny_model)
     with pytest.raises(ConfigError, match="fewer than one batch"):
         Trainer(tiny_cfg(tmp_path / "a", "train.batch_size=64"), model_fn=tiny_model)
     after = {p: os.path.getmtime(os.path.join(tmp_path / "a", p)) for p in os.listdir(tmp_path / "a")}

@@ -30,8 +30,13 @@ SIGKILL of rank 1; each start is resumed by the same command. For each strike
 it reports the exit code (75, 75, 75, 76), the checkpoint left (the stop step's,
 or the previous one intact after a kill), and at the end whether the final
 state is bit-identical to an uninterrupted ``./train.sh`` run (run alongside).
+Two damage strikes stop the run with SIGTERM, then damage the checkpoint it
+saved on disk (mtime kept, as bit rot does): ``bit-flip`` flips one bit inside a
+tensor, ``truncate`` cuts the file to half its size in place. ``./test.sh`` on it
+must refuse it in one line (exit 2), and the next start must resume from the
+newest intact checkpoint and name the damaged one it skipped.
 
-    python -m tools.fault_inject --real                     # the four strikes
+    python -m tools.fault_inject --real                     # all strikes
     python -m tools.fault_inject --real --strikes group-term,kill-rank --epochs 1   # tests
 """
 import os
@@ -167,14 +172,16 @@ def tmp_files(work_dir):
 
 # ----------------------------------------------------------------------------- checks
 
-def scan(work_dir):
-    """(checkpoints checked, list of problems) for every checkpoint and the latest pointer."""
+def scan(work_dir, damaged=()):
+    """(checkpoints checked, list of problems) for every checkpoint and the latest pointer.
+
+    ``damaged``: paths damaged on purpose (the damage strikes), not counted as long as they are there."""
     d = ckpt_dir(work_dir)
     if not os.path.isdir(d):
         return 0, []
     problems, checked = [], 0
     for name in sorted(os.listdir(d)):
-        if name.endswith('.pth') and not name.startswith('.'):
+        if name.endswith('.pth') and not name.startswith('.') and os.path.join(d, name) not in damaged:
             checked += 1
             try:
                 load_checkpoint(os.path.join(d, name))
@@ -184,7 +191,7 @@ def scan(work_dir):
     pointer = manager.read_pointer()
     if os.path.exists(os.path.join(d, 'latest')) and (pointer is None or not os.path.isfile(pointer)):
         problems.append(f'latest pointer in {d} names a missing checkpoint ({pointer})')
-    if checked and manager.latest() is None:
+    if checked and manager.latest() is None and not damaged:
         problems.append(f'no resumable checkpoint found in {d}')
     return checked, problems
 
@@ -220,7 +227,10 @@ STRIKES = {  # name: (what it does, the exit code it must give)
     'group-term': ('SIGTERM to every process group of the job, as SLURM', 75),
     'group-int': ("SIGINT to train.sh's process group, as a terminal's Ctrl-C", 75),
     'kill-rank': ('SIGKILL of rank 1', 76),
+    'bit-flip': ('SIGTERM, then one bit flipped inside a tensor of the newest checkpoint', 75),
+    'truncate': ('SIGTERM, then the newest checkpoint truncated in place to half its size', 75),
 }
+DAMAGES = ('bit-flip', 'truncate')  # strikes that damage the checkpoint the stop saved (see damage_checkpoint)
 
 
 def process_tree(pid):
@@ -260,7 +270,7 @@ def rank_pid(launcher, rank):
 
 
 def strike(kind, pid):
-    if kind == 'script-term':
+    if kind == 'script-term' or kind in DAMAGES:
         os.kill(pid, signal.SIGTERM)
     elif kind == 'group-term':
         for group in {os.getpgid(p) for p in process_tree(pid) if _exists(p)}:
@@ -277,6 +287,49 @@ def _exists(pid):
         return True
     except OSError:
         return False
+
+
+def flip_tensor_bit(path):
+    """Flip one bit in the middle of the largest tensor storage of a torch zip checkpoint, in place."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size)
+    with open(path, 'r+b') as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), 'little'), int.from_bytes(f.read(2), 'little')
+        where = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x10]))
+    return where
+
+
+def damage_checkpoint(kind, path):
+    """Damage ``path`` in place as ``kind`` says, keeping its modification time (bit rot does not touch it)."""
+    st = os.stat(path)
+    if kind == 'bit-flip':
+        flip_tensor_bit(path)
+    else:
+        os.truncate(path, st.st_size // 2)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def check_damaged(path, root):
+    """'' when ./test.sh refuses the damaged checkpoint in one line naming it (exit 2), else what went wrong."""
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')}
+    p = subprocess.run([os.path.join(REPO, 'test.sh'), path, '1', f'runtime.work_dir={root}'], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    if p.returncode == 2 and len(lines) == 1 and path in lines[0]:
+        return ''
+    return f'./test.sh on it exited {p.returncode}: {" | ".join(lines[-3:])[:200]}'
+
+
+def fallback_line(text, damaged):
+    """The resume line that names the intact checkpoint and the damaged one it skipped ('' if none)."""
+    return next((line for line in text.splitlines() if 'the newest intact checkpoint; skipped' in line
+                 and os.path.basename(damaged) in line), '')
 
 
 def train_sh(config, work_dir, log_path):
@@ -297,6 +350,33 @@ def prepare(args, workers):
     return root, config
 
 
+def _damage(kind, path, root, damaged, result):
+    """Damage strike: spoil the checkpoint the stop saved; ./test.sh must refuse it. True when it did."""
+    damage_checkpoint(kind, path)
+    refused = check_damaged(path, root)
+    damaged['paths'].add(path)
+    damaged['pending'] = (path, kind)
+    result.update(damaged=path, test_sh_refused=not refused)
+    print(f'  {kind}: {os.path.basename(path)} damaged; ./test.sh '
+          f'{"refused it in one line (exit 2)" if not refused else "DID NOT REFUSE IT: " + refused}', flush=True)
+    return not refused
+
+
+def _check_fallback(damaged, text, results):
+    """The start after a damage strike must resume from an intact checkpoint and name the damaged one."""
+    if damaged['pending'] is None:
+        return True
+    path, kind = damaged['pending']
+    damaged['pending'] = None
+    line = fallback_line(text, path)
+    m = re.search(r'resuming from (\S+), .*?skipped \d+ newer: checkpoint \S+ (.{0,60})', line)
+    print(f'  next start after {kind}: ' + (f'resumed from {os.path.basename(m.group(1))}, skipped '
+                                            f'{os.path.basename(path)} ({m.group(2)}...)' if m else
+                                            f'NO FALLBACK LINE naming {path}'), flush=True)
+    next(r for r in reversed(results) if r.get('damaged') == path)['fallback'] = line
+    return bool(line)
+
+
 def main_real(args):
     kinds = [k for k in args.strikes.split(',') if k]
     unknown = [k for k in kinds if k not in STRIKES]
@@ -311,6 +391,7 @@ def main_real(args):
     total = args.epochs * (args.train_size // 8)
     targets = sorted(rng.randint(2, max(total - 2, 2)) for _ in kinds)
     results, ok = [], True
+    damaged = {'paths': set(), 'pending': None}  # spoiled by the damage strikes; the one the next start must skip
     for i, (kind, target) in enumerate(zip(kinds, targets)):
         log = os.path.join(root, 'logs', f'strike_{i}_{kind}.log')
         before = CheckpointManager(run_dir).read_pointer()
@@ -321,7 +402,7 @@ def main_real(args):
         if p.poll() is None:
             strike(kind, p.pid)
         rc = p.wait(timeout=300)
-        checked, problems = scan(run_dir)
+        checked, problems = scan(run_dir, damaged['paths'])
         latest = CheckpointManager(run_dir).read_pointer()
         want = STRIKES[kind][1]
         if want == 75:  # a checkpoint of the step it stopped at
@@ -332,7 +413,8 @@ def main_real(args):
             text = f.read()
         clean = 'Traceback' not in text
         error = '' if clean else next((line for line in reversed(text.splitlines()) if 'Error' in line), '?')
-        good = rc == want and saved and not problems and clean
+        fell_back = _check_fallback(damaged, text, results)
+        good = rc == want and saved and not problems and clean and fell_back
         ok &= good
         results.append(dict(strike=kind, at_step=step, exit=rc, expected=want, checkpoint=latest,
                             corrupt=problems, traceback=not clean))
@@ -340,7 +422,11 @@ def main_real(args):
               f'{os.path.basename(latest) if latest else "none"}{"" if saved else " (WRONG)"}; {checked} readable, '
               f'{len(problems)} corrupt; {"no traceback" if clean else f"TRACEBACK in {log}: {error[:160]}"}',
               flush=True)
+        if kind in DAMAGES and saved:
+            ok &= _damage(kind, latest, root, damaged, results[-1])
     rc = train_sh(config, run_dir, os.path.join(root, 'logs', 'finish.log')).wait(timeout=600)
+    with open(os.path.join(root, 'logs', 'finish.log'), errors='replace') as f:
+        ok &= _check_fallback(damaged, f.read(), results)
     ref_rc = ref.wait(timeout=600)
     if rc != 0 or ref_rc != 0:
         print(f'error: the final start exited {rc}, the reference {ref_rc}; see {root}/logs', file=sys.stderr)

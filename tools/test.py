@@ -1,12 +1,20 @@
-"""Evaluate a checkpoint:  python -m tools.test CONFIG CHECKPOINT [key=value ...] [--ema] [--out FILE]
+"""Evaluate a checkpoint:  python -m tools.test [CONFIG] CHECKPOINT [key=value ...] [--ema] [--out FILE]
 
-CHECKPOINT is a path, a model-zoo name or a URL (engine.hub.resolve_checkpoint);
-our training checkpoints, exported zoo weights, torchvision files and the
-original CE/ED/WE repositories' files all load (models.weights.load_weights).
+CHECKPOINT is a path, a work dir (its ``best.pth``, else its newest readable
+checkpoint), a ``checkpoints/latest`` pointer, a model-zoo name or a URL
+(engine.hub.resolve_checkpoint). Without CONFIG the config stored in the
+checkpoint is used (training-time overrides such as ``data.root`` included; a
+zoo name: its index entry's config); a given CONFIG wins. Either way every
+preprocessing or model key that differs from the checkpoint's stored config is
+printed as a warning line (and kept in the metrics JSON): no silent difference.
+Our training checkpoints, exported zoo weights, torchvision files and the
+original CE/ED/WE repositories' files all load (models.weights.load_weights);
+every file's integrity is checked (engine.integrity).
 Top-1/top-5/loss are counted once per validation image across processes, printed,
 and written as JSON next to the run: ``<work_dir>/test_<checkpoint name>.json``
 (the work dir holding ``checkpoints/`` for our checkpoints, else runtime.work_dir
-or ``work_dirs/<config name>``). Exit codes as tools/train.py (0, 1, 2).
+or the config's default work dir). Exit codes: 0 done, 1 unexpected error,
+2 refused input (one line), 76 a process died.
 """
 import argparse
 import json
@@ -14,15 +22,72 @@ import os
 import sys
 import time
 
+from engine.ownership import flatten
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
+# model keys that do not change what a trained model computes at evaluation
+_EVAL_NEUTRAL_MODEL_KEYS = ("model.pretrained", "model.pretrained_ignore", "model.frozen_stages", "model.norm_eval")
+# the preprocessing evaluation uses (data.recipe.Recipe fields) and the config keys that set them
+_EVAL_DATA = {"dataset": "data.dataset", "input_size": "data.input_size", "eval_resize": "data.eval_resize",
+              "mean": "data.mean/normalize", "std": "data.std/normalize"}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a blocklab checkpoint.")
-    p.add_argument("config", help="YAML config the checkpoint was trained with")
-    p.add_argument("checkpoint", help="checkpoint path, model-zoo name or URL")
-    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    p.add_argument("inputs", nargs="+", metavar="[CONFIG] CHECKPOINT [key=value ...]",
+                   help="optional YAML config (default: the one stored in the checkpoint), then a checkpoint path, "
+                        "work dir, checkpoints/latest pointer, model-zoo name or URL, then config overrides")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--out", default=None, help="where to write the metrics JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    inputs = list(args.inputs)
+    args.config = inputs.pop(0) if inputs[0].endswith(CONFIG_SUFFIXES) else None
+    if not inputs or "=" in inputs[0] and not os.path.exists(inputs[0]):
+        p.error("give a CHECKPOINT (a path, work dir, model-zoo name or URL)")
+    args.checkpoint, args.overrides = inputs[0], inputs[1:]
+    return args
+
+
+def config_from_checkpoint(spec, overrides):
+    """(config, local path or None, loaded state or None) for ``./test.sh CHECKPOINT`` without a config."""
+    from engine.checkpoint import load_checkpoint
+    from engine.config import from_tree, load_config
+    from engine.fields import ConfigError
+    from engine.hub import REPO_ROOT, load_index, resolve_checkpoint
+    zoo = load_index().get(spec)
+    if isinstance(zoo, dict) and zoo.get("config"):
+        return load_config(os.path.join(REPO_ROOT, zoo["config"]), overrides), None, None
+    if "://" in spec:
+        raise ConfigError(f"{spec} is a URL, and its config cannot be read before it is downloaded; give the "
+                          f"config first: ./test.sh CONFIG {spec}")
+    path = resolve_checkpoint(spec)
+    state = load_checkpoint(path)
+    tree = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"checkpoint {path} stores no config (it is not a blocklab training checkpoint); give "
+                          f"the config it was trained with first: ./test.sh CONFIG {spec}")
+    return from_tree(tree, overrides, where=f"the config stored in {path}"), path, state
+
+
+def eval_differences(stored, cfg):
+    """``[(key, stored value, used value)]``: the preprocessing and model keys where evaluation differs from
+    the config the checkpoint was trained with (presets resolved: ``normalize: auto`` vs the same numbers is
+    no difference)."""
+    from data.recipe import build_recipe
+    from engine.config import from_tree
+    from engine.fields import ConfigError
+    try:
+        stored_cfg = from_tree(stored, where="stored")
+    except ConfigError:  # written by another version of blocklab: compare the keys it has
+        stored_cfg = None
+    out = []
+    if stored_cfg is not None:
+        a, b = build_recipe(stored_cfg.data), build_recipe(cfg.data)
+        out += [(key, getattr(a, f), getattr(b, f)) for f, key in _EVAL_DATA.items() if getattr(a, f) != getattr(b, f)]
+    old, new = flatten(stored.get("model") or {}, "model."), flatten(cfg.model.to_dict(), "model.")
+    out += [(k, old[k], new[k]) for k in sorted(set(old) & set(new))
+            if old[k] != new[k] and k not in _EVAL_NEUTRAL_MODEL_KEYS]
+    return out
 
 
 def result_path(args, cfg, ckpt_path):
@@ -34,12 +99,16 @@ def result_path(args, cfg, ckpt_path):
         work_dir = os.path.dirname(parent)
     else:
         from tools.train import default_work_dir
-        work_dir = cfg.runtime.work_dir or default_work_dir(args.config)
+        work_dir = cfg.runtime.work_dir or default_work_dir(args.config or ckpt_path)
     return os.path.join(work_dir, f"test_{name}.json")
 
 
-def evaluate_checkpoint(cfg, spec, ema=False):
-    """(metrics, local checkpoint path, number of validation images, weights load report)."""
+def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None):
+    """(metrics, local checkpoint path, number of validation images, weights load report, loaded state).
+
+    ``path``/``state``: the checkpoint already resolved and loaded (``./test.sh CHECKPOINT``); ``fix``:
+    what to do when its weights do not fit the config's model.
+    """
     import torch
 
     import data as data_lib
@@ -61,30 +130,55 @@ def evaluate_checkpoint(cfg, spec, ema=False):
         {**cfg.data, "channels_last": cfg.data.channels_last or cfg.train.channels_last}, "val")
     if hasattr(transform, "to"):
         transform.to(info.device)
-    err = path = None
-    if info.is_main:  # download once, then every rank finds it in the cache
-        try:
-            path = resolve_checkpoint(spec)
-        except CheckpointError as e:
-            err = e
-    err = du.broadcast_object(err)
-    if err is not None:
-        raise err
-    path = path or resolve_checkpoint(spec)
+    if path is None:
+        err = None
+        if info.is_main:  # download once, then every rank finds it in the cache
+            try:
+                path = resolve_checkpoint(spec)
+            except CheckpointError as e:
+                err = e
+        err = du.broadcast_object(err)
+        if err is not None:
+            raise err
+        path = path or resolve_checkpoint(spec)
     model = build_model(cfg.model)
-    state = load_checkpoint(path)
+    full = state if state is not None else load_checkpoint(path)
+    weights = full
     if ema:
-        if not (isinstance(state, dict) and isinstance(state.get("ema"), dict)):
+        if not (isinstance(full, dict) and isinstance(full.get("ema"), dict)):
             from engine.fields import ConfigError
             raise ConfigError(f"{path} holds no EMA weights; drop --ema")
-        state = state["ema"]["module"]
-    report = load_weights(model, state)
+        weights = full["ema"]["module"]
+    report = load_weights(model, weights, name=path, fix=fix)
     model.to(info.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     amp = cfg.train.amp if info.device.type == "cuda" else "none"
     metrics = evaluate(model, loader, info.device, transform, amp)
-    return metrics, path, len(dataset), report
+    return metrics, path, len(dataset), report, full
+
+
+def _weights_fix(args):
+    if args.config is None:
+        return ("its stored config builds another model (check the overrides given); give the config it was "
+                "trained with: ./test.sh CONFIG CHECKPOINT")
+    return (f"evaluate it with the config it was trained with: drop {args.config} to use the config stored in "
+            f"the checkpoint (./test.sh {args.checkpoint}), or give the matching CONFIG")
+
+
+def _report_differences(args, state, cfg):
+    """Print one warning line per key where evaluation differs from the checkpoint's stored config."""
+    stored = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(stored, dict):
+        return []
+    overridden = {o.partition("=")[0] for o in args.overrides}
+    lines = []
+    for key, old, new in eval_differences(stored, cfg):
+        section, _, names = key.rpartition(".")
+        keys = {f"{section}.{name}" for name in names.split("/")}  # data.mean/normalize: either key sets it
+        why = "an explicit override" if keys & overridden or args.config is None else f"from {args.config}"
+        lines.append(f"warning: {key}: {old} in the checkpoint's config, {new} used here ({why})")
+    return lines
 
 
 def run(argv=None):
@@ -96,20 +190,30 @@ def run(argv=None):
     from models.weights import WeightsMismatchError
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.config is None:
+            cfg, path, state = config_from_checkpoint(args.checkpoint, args.overrides)
+        else:
+            cfg, path, state = load_config(args.config, args.overrides), None, None
         start = time.time()
-        metrics, path, size, report = evaluate_checkpoint(cfg, args.checkpoint, args.ema)
+        metrics, path, size, report, state = evaluate_checkpoint(cfg, args.checkpoint, args.ema, path, state,
+                                                                 _weights_fix(args))
     except (ConfigError, CheckpointError, WeightsMismatchError) as e:
         if du.launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         du.destroy()
         return EXIT_USAGE
     if du.get_rank() == 0:
+        differences = _report_differences(args, state, cfg)
+        for line in differences:
+            print(line, file=sys.stderr)
         out = result_path(args, cfg, path)
-        record = {"config": args.config, "checkpoint": args.checkpoint, "path": os.path.abspath(path),
-                  "ema": args.ema, "weights": f"{report.source}: {report.summary()}", **metrics,
+        record = {"config": args.config or f"stored in {path}", "checkpoint": args.checkpoint,
+                  "path": os.path.abspath(path), "ema": args.ema, "weights": f"{report.source}: {report.summary()}",
+                  "differences": [d[len("warning: "):] for d in differences], **metrics,
                   "dataset_size": size, "world_size": du.get_world_size(), "time_s": round(time.time() - start, 2)}
-        print(f"{args.checkpoint}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+        shown = args.checkpoint if os.path.abspath(args.checkpoint) == os.path.abspath(path) else \
+            f"{args.checkpoint} ({path})"
+        print(f"{shown}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
               f"loss {metrics['loss']:.4f} ({metrics['count']}/{size} images)")
         try:
             atomic_write(out, lambda f: f.write(json.dumps(record, indent=2).encode()),

@@ -1,7 +1,8 @@
 """Train a model from a config:  python -m tools.train [CONFIG] [key=value ...]
 
 Usually started through ``./train.sh`` (tools/launch.py) or ``tools/slurm_train.sh`` (srun).
-The work directory defaults to ``work_dirs/<config file name>``; starting the
+The work directory defaults to ``work_dirs/<config path under configs/>``
+(e.g. ``work_dirs/imagenet/cenet/resnet50``); starting the
 same command again resumes from its latest checkpoint.
 
 Exit codes (engine/guard.py): 0 finished; 1 unexpected error (traceback);
@@ -33,7 +34,14 @@ def parse_args(argv=None):
 
 
 def default_work_dir(config_path):
-    return os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
+    """``work_dirs/<path under configs/ without .yaml>`` (configs/imagenet/cenet/resnet50.yaml ->
+    work_dirs/imagenet/cenet/resnet50), so that recipes of the same file name never share a run; a config
+    outside any ``configs/`` folder gets ``work_dirs/<file name>``."""
+    parts = os.path.normpath(os.path.abspath(os.path.splitext(config_path)[0])).split(os.sep)
+    if "configs" in parts[:-1]:
+        last = len(parts) - 1 - parts[::-1].index("configs", 1)  # the innermost configs/ folder
+        return os.path.join("work_dirs", *parts[last + 1:])
+    return os.path.join("work_dirs", parts[-1])
 
 
 class StoppedBeforeStart(BaseException):
