@@ -38,25 +38,24 @@ def result_path(args, cfg, ckpt_path):
     return os.path.join(work_dir, f"test_{name}.json")
 
 
-def evaluate_checkpoint(cfg, spec, ema=False):
-    """(metrics, local checkpoint path, number of validation images, weights load report)."""
+def evaluate_checkpoint(cfg, spec, ema=False, results_path=None):
+    """(metrics, local checkpoint path, number of validation images, weights load report, task).
+
+    ``results_path``: detection writes its COCO result entries there."""
     import torch
 
     import data as data_lib
     from engine import distributed as du
     from engine.checkpoint import CheckpointError, load_checkpoint
-    from engine.evaluator import evaluate
     from engine.hub import resolve_checkpoint
-    from models import build_model
-    from models.features import require_classifier
+    from engine.tasks import build_task
     from models.weights import load_weights
-    require_classifier(cfg.model, "./test.sh (top-1/top-5 evaluation)")
+    task = build_task(cfg)
     info = du.init_distributed(cfg.dist, cfg.runtime.device)
-    dataset = data_lib.build_dataset(cfg.data, "val", num_classes=cfg.model.num_classes)
+    dataset = task.build_dataset("val")
     loader = data_lib.build_loader(dataset, cfg.data, "val", max(cfg.eval.batch_size // info.world_size, 1),
                                    info.distributed, cfg.runtime.seed)
-    transform = data_lib.build_device_transform(
-        {**cfg.data, "channels_last": cfg.data.channels_last or cfg.train.channels_last}, "val")
+    transform = task.device_transform("val")
     if hasattr(transform, "to"):
         transform.to(info.device)
     err = path = None
@@ -69,7 +68,7 @@ def evaluate_checkpoint(cfg, spec, ema=False):
     if err is not None:
         raise err
     path = path or resolve_checkpoint(spec)
-    model = build_model(cfg.model)
+    model = task.build_model(cfg.model)
     state = load_checkpoint(path)
     if ema:
         if not (isinstance(state, dict) and isinstance(state.get("ema"), dict)):
@@ -81,8 +80,8 @@ def evaluate_checkpoint(cfg, spec, ema=False):
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     amp = cfg.train.amp if info.device.type == "cuda" else "none"
-    metrics = evaluate(model, loader, info.device, transform, amp)
-    return metrics, path, len(dataset), report
+    metrics = task.evaluate(model, loader, info.device, transform, amp, results_path)
+    return metrics, path, len(dataset), report, task
 
 
 def run(argv=None):
@@ -96,7 +95,11 @@ def run(argv=None):
     try:
         cfg = load_config(args.config, args.overrides)
         start = time.time()
-        metrics, path, size, report = evaluate_checkpoint(cfg, args.checkpoint, args.ema)
+        detections = None
+        if cfg.get("task") == "detection":  # COCO result entries beside the metrics
+            detections = os.path.join(os.path.dirname(result_path(args, cfg, args.checkpoint)) or ".",
+                                      "detections_" + os.path.basename(result_path(args, cfg, args.checkpoint)))
+        metrics, path, size, report, task = evaluate_checkpoint(cfg, args.checkpoint, args.ema, detections)
     except (ConfigError, CheckpointError, WeightsMismatchError) as e:
         if du.launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -107,8 +110,9 @@ def run(argv=None):
         record = {"config": args.config, "checkpoint": args.checkpoint, "path": os.path.abspath(path),
                   "ema": args.ema, "weights": f"{report.source}: {report.summary()}", **metrics,
                   "dataset_size": size, "world_size": du.get_world_size(), "time_s": round(time.time() - start, 2)}
-        print(f"{args.checkpoint}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-              f"loss {metrics['loss']:.4f} ({metrics['count']}/{size} images)")
+        if "table" in metrics:
+            print(metrics.pop("table"))
+        print(f"{args.checkpoint}: {task.val_line(metrics)} ({metrics['count']}/{size} images)")
         try:
             atomic_write(out, lambda f: f.write(json.dumps(record, indent=2).encode()),
                          fix="pass --out FILE in a writable folder (the metrics above are complete)")
