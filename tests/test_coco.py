@@ -200,3 +200,60 @@ def test_distributed_evaluation_counts_every_image_once(shapes, world):
         p.join(30)
         assert p.exitcode == 0
     assert got == [(r, 7, 1.0) for r in range(world)]  # 7 images with 3 ranks: shards of 3, 2, 2
+
+
+# ------------------------------------------------------------------------------------ the engine's detection task
+
+def _detector_cfg(work_dir, root, *overrides):
+    from engine.config import load_config
+    return load_config(os.path.join(ROOT, "configs/detection/shapes_demo.yaml"), [
+        f"data.root={root}", f"runtime.work_dir={work_dir}", "data.workers=0", "train.batch_size=4",
+        "train.epochs=2", "train.warmup_epochs=0", "train.milestones=[1]", "eval.interval=0", "eval.final=false",
+        "detector.min_size=48", "detector.max_size=64", "detector.fpn_channels=16",
+        "detector.box_batch_size_per_image=32", "detector.rpn_post_nms_top_n=64", "runtime.keep_last=1",
+        "runtime.log_interval=1", *overrides])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_detector_resumes_exactly_after_sigterm(tmp_path, shapes, monkeypatch):
+    import signal
+    from engine.trainer import Trainer
+    from tests.engine_helpers import assert_same, weights
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    ref = Trainer(_detector_cfg(tmp_path / "a", shapes))
+    assert ref.train()["status"] == "done" and ref.iters_per_epoch >= 3
+
+    first = Trainer(_detector_cfg(tmp_path / "b", shapes))
+    step = first.optimizer_step
+
+    def stop_in_epoch_2():  # during the first step of epoch 2: the run stops after it
+        step()
+        if first.step == first.iters_per_epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+    first.optimizer_step = stop_in_epoch_2
+    assert first.train()["status"] == "preempted" and first.iter_in_epoch == 1
+    second = Trainer(_detector_cfg(tmp_path / "b", shapes))
+    assert (second.epoch, second.iter_in_epoch) == (1, 1)
+    assert second.train()["status"] == "done" and second.step == ref.step
+    assert_same(weights(second.model), weights(ref.model))
+    log = (tmp_path / "b" / "log.txt").read_text()
+    assert "loss_box_reg" not in log and " box_reg " in log and " objectness " in log  # loss components
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.dataset=digits", "task: detection reads COCO-format data; set data.dataset=coco"),
+    ("eval.best_metric=top1", "eval.best_metric=top1 is not a detection metric"),
+    ("eval.best_metric=segm_AP", "needs masks: set detector.type=mask_rcnn"),
+    ("detector.anchor_sizes=[32,64]", "detector.anchor_sizes has 2 sizes but the FPN has 4 levels"),
+    ("detector.typo=1", "unknown key 'detector.typo'"),
+    ("detector.num_classes=5", "has 3 categories but detector.num_classes=5; set detector.num_classes=3"),
+])
+def test_detection_configs_are_refused_in_one_line_writing_nothing(tmp_path, shapes, override, message):
+    from engine.fields import ConfigError
+    from engine.trainer import Trainer
+    with pytest.raises(ConfigError, match=message) as e:
+        Trainer(_detector_cfg(tmp_path / "run", shapes, override))
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()

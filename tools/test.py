@@ -3,7 +3,9 @@
 CHECKPOINT is a path, a model-zoo name or a URL (engine.hub.resolve_checkpoint);
 our training checkpoints, exported zoo weights, torchvision files and the
 original CE/ED/WE repositories' files all load (models.weights.load_weights).
-Top-1/top-5/loss are counted once per validation image across processes, printed,
+Top-1/top-5/loss (classification) or COCO AP (task: detection, with the standard
+table; the detections go to ``detections_<checkpoint name>.json`` beside the
+metrics) are counted once per validation image across processes, printed,
 and written as JSON next to the run: ``<work_dir>/test_<checkpoint name>.json``
 (the work dir holding ``checkpoints/`` for our checkpoints, else runtime.work_dir
 or ``work_dirs/<config name>``). Exit codes as tools/train.py (0, 1, 2).
@@ -96,9 +98,10 @@ def run(argv=None):
         cfg = load_config(args.config, args.overrides)
         start = time.time()
         detections = None
-        if cfg.get("task") == "detection":  # COCO result entries beside the metrics
-            detections = os.path.join(os.path.dirname(result_path(args, cfg, args.checkpoint)) or ".",
-                                      "detections_" + os.path.basename(result_path(args, cfg, args.checkpoint)))
+        if cfg.get("task") == "detection":  # COCO result entries beside the metrics: detections_<name>.json
+            out = result_path(args, cfg, args.checkpoint)
+            detections = os.path.join(os.path.dirname(out), "detections_" + os.path.basename(out)[len("test_"):]) \
+                if os.path.basename(out).startswith("test_") else os.path.splitext(out)[0] + "_detections.json"
         metrics, path, size, report, task = evaluate_checkpoint(cfg, args.checkpoint, args.ema, detections)
     except (ConfigError, CheckpointError, WeightsMismatchError) as e:
         if du.launch_rank() == 0:
