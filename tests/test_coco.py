@@ -257,3 +257,11 @@ def test_detection_configs_are_refused_in_one_line_writing_nothing(tmp_path, sha
     with pytest.raises(ConfigError, match=message) as e:
         Trainer(_detector_cfg(tmp_path / "run", shapes, override))
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_the_documented_generator_command_writes_the_standard_layout(tmp_path, capsys):
+    from tools.make_shapes_coco import main
+    main([str(tmp_path / "set"), "--train", "3", "--val", "2", "--size", "32"])
+    assert "wrote 3 + 2 images" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "set" / "train2017")) == 3 and len(os.listdir(tmp_path / "set" / "val2017")) == 2
+    assert len(_set(str(tmp_path / "set"))) == 2
