@@ -265,3 +265,27 @@ def test_the_documented_generator_command_writes_the_standard_layout(tmp_path, c
     assert "wrote 3 + 2 images" in capsys.readouterr().out
     assert len(os.listdir(tmp_path / "set" / "train2017")) == 3 and len(os.listdir(tmp_path / "set" / "val2017")) == 2
     assert len(_set(str(tmp_path / "set"))) == 2
+
+
+def test_train_sh_two_processes_with_workers_then_test_sh_reproduces_the_ap(tmp_path, shapes):
+    import subprocess
+    from tests.engine_helpers import launch_env, run_train_sh
+    work = tmp_path / "run"
+    over = [f"data.root={shapes}", f"runtime.work_dir={work}", "data.workers=1", "train.batch_size=4",
+            "train.epochs=1", "train.warmup_epochs=0", "detector.min_size=48", "detector.max_size=64",
+            "detector.fpn_channels=16", "detector.box_batch_size_per_image=32", "detector.rpn_post_nms_top_n=64"]
+    r = run_train_sh(os.path.join(ROOT, "configs/detection/shapes_demo.yaml"), 2, *over, cwd=tmp_path)
+    assert r.returncode == 0, r.out[-3000:]
+    assert "world size 2 (gloo" in r.out and "Average Precision  (AP) @[ IoU=0.50:0.95" in r.out
+    val = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()
+           if '"val"' in line][-1]
+    assert val["count"] == 7
+    t = subprocess.run([os.path.join(ROOT, "test.sh"), os.path.join(ROOT, "configs/detection/shapes_demo.yaml"),
+                        str(work / "checkpoints" / "best.pth"), "2", *over], cwd=tmp_path, env=launch_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert t.returncode == 0, (t.stdout + t.stderr)[-3000:]
+    test = json.loads((work / "test_best.json").read_text())
+    assert test["count"] == 7  # metrics.jsonl rounds to 6 digits
+    assert test["bbox_AP"] == pytest.approx(val["bbox_AP"], abs=1e-6) and \
+        test["bbox_AP50"] == pytest.approx(val["bbox_AP50"], abs=1e-6)
+    assert isinstance(json.loads((work / "detections_best.json").read_text()), list)
