@@ -289,3 +289,21 @@ def test_train_sh_two_processes_with_workers_then_test_sh_reproduces_the_ap(tmp_
     assert test["bbox_AP"] == pytest.approx(val["bbox_AP"], abs=1e-6) and \
         test["bbox_AP50"] == pytest.approx(val["bbox_AP50"], abs=1e-6)
     assert isinstance(json.loads((work / "detections_best.json").read_text()), list)
+
+
+def test_mask_results_are_evaluated_as_segm(shapes):
+    from engine.tasks import ToFloat
+
+    class MaskOracle(Oracle):
+        def forward(self, images):
+            out = super().forward(images)
+            for o, im in zip(out, images):
+                o["masks"] = self.masks[(im * 255).round().sum().item()][:, None].float()
+            return out
+    ds = _set(shapes, masks=True)
+    model = MaskOracle(ds)
+    model.masks = {ds[i][0].float().sum().item(): ds[i][1]["masks"] for i in range(len(ds))}
+    loader = build_loader(ds, {"dataset": "coco", "root": shapes, "workers": 0}, "val", 3)
+    m = evaluate_coco(model, loader, torch.device("cpu"), ToFloat(), "none", ("bbox", "segm"))
+    assert m["count"] == 7 and m["bbox_AP"] == 1.0 and m["segm_AP"] == pytest.approx(1.0, abs=0.02)
+    assert "segm:" in m["table"]
