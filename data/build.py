@@ -31,12 +31,25 @@ def _root(cfg):
     return root
 
 
-def build_dataset(data_cfg, split, num_classes=None):
+def _coco(cfg, split, num_classes, masks, hflip):
+    from .coco import CocoDetection
+    root, train = _root(cfg), split == "train"
+    ann = os.path.join(root, cfg["train_ann"] if train else cfg["val_ann"])
+    dataset = CocoDetection(os.path.join(root, cfg["train_dir"] if train else cfg["val_dir"]), ann, train,
+                            masks=masks, hflip=hflip if train else 0.0)
+    if num_classes is not None and dataset.num_classes != num_classes:
+        raise ConfigError(f"{ann} has {dataset.num_classes} categories but detector.num_classes={num_classes}; "
+                          f"set detector.num_classes={dataset.num_classes}")
+    return dataset
+
+
+def build_dataset(data_cfg, split, num_classes=None, masks=False):
     """Dataset of ``split`` ('train' | 'val') yielding ``(uint8 CHW tensor, int label)``.
 
     ``num_classes``: the model's class count; the classes found (folder tree, CIFAR,
     digits) must match it, list labels must lie in [0, num_classes). The dataset has
-    ``num_classes`` and ``num_skipped`` attributes.
+    ``num_classes`` and ``num_skipped`` attributes. ``coco`` yields ``(image, target dict)`` instead
+    (data/coco.py; ``num_classes`` counts object categories, ``masks`` adds instance masks).
     """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
@@ -44,6 +57,8 @@ def build_dataset(data_cfg, split, num_classes=None):
     recipe = build_recipe(cfg)
     expected = _expected_classes(cfg, num_classes)
     kind, train = cfg["dataset"], split == "train"
+    if kind == "coco":
+        return _coco(cfg, split, num_classes, masks, recipe.hflip)
 
     if kind in ("imagenet_folder", "imagenet_list"):
         root = _root(cfg)

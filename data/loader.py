@@ -137,7 +137,13 @@ def build_loader(dataset, data_cfg, split, batch_size, distributed=False, seed=0
     kwargs = {}
     if workers > 0:
         kwargs = dict(prefetch_factor=cfg["prefetch_factor"], persistent_workers=cfg["persistent_workers"])
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=cfg["pin_memory"] and torch.cuda.is_available(), drop_last=train,
-                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed * 1000 + rank),
-                      **kwargs)
+    loading = dict(num_workers=workers, pin_memory=cfg["pin_memory"] and torch.cuda.is_available(),
+                   worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed * 1000 + rank), **kwargs)
+    if hasattr(dataset, "aspect_ratios"):  # detection: lists of images of their own sizes
+        from .coco import GroupedBatchSampler, collate
+        if train:
+            groups = [int(r >= 1.0) for r in dataset.aspect_ratios()]
+            return DataLoader(dataset, batch_sampler=GroupedBatchSampler(sampler, groups, batch_size),
+                              collate_fn=collate, **loading)
+        loading["collate_fn"] = collate
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, **loading)

@@ -34,18 +34,21 @@ AUGMENT = {
                   color_jitter=0.0, lighting=0.0, lighting_layout="alexnet"),
     "digits": dict(crop="pad", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), padding=None, hflip=0.0,
                    color_jitter=0.0, lighting=0.0, lighting_layout="alexnet"),
+    "detection": dict(crop="none", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), padding=0, hflip=0.5,
+                      color_jitter=0.0, lighting=0.0, lighting_layout="alexnet"),
     "none": dict(crop="none", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), padding=0, hflip=0.0,
                  color_jitter=0.0, lighting=0.0, lighting_layout="alexnet"),
 }
 
 _FAMILY = {"imagenet_folder": "imagenet", "imagenet_list": "imagenet", "cifar10": "cifar10",
-           "cifar100": "cifar100", "digits": "digits", "synthetic": "synthetic"}
+           "cifar100": "cifar100", "digits": "digits", "synthetic": "synthetic", "coco": "coco"}
 _DEFAULTS = {  # family -> (input_size, normalize preset, augment preset)
     "imagenet": (224, "imagenet", "imagenet"),
     "cifar10": (32, "cifar10", "cifar"),
     "cifar100": (32, "cifar100", "cifar"),
     "digits": (32, "digits", "digits"),
     "synthetic": (224, "half", "none"),
+    "coco": (800, "imagenet", "detection"),  # input_size: the detector's shorter side (detector.min_size)
 }
 
 

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 
 from engine.fields import ConfigError, Field, refuse_non_finite
 
-DATASETS = ("imagenet_folder", "imagenet_list", "cifar10", "cifar100", "digits", "synthetic")
+DATASETS = ("imagenet_folder", "imagenet_list", "cifar10", "cifar100", "digits", "synthetic", "coco")
 NORMALIZE = ("auto", "imagenet", "cifar10", "cifar100", "digits", "half", "none")
-AUGMENT_PRESETS = ("auto", "imagenet", "cenet", "cifar", "digits", "none")
+AUGMENT_PRESETS = ("auto", "imagenet", "cenet", "cifar", "digits", "detection", "none")
 CROPS = ("random_resized", "pad", "none")
 
 
@@ -73,7 +73,8 @@ DATA_SCHEMA = {
     "dataset": Field("digits", "which dataset: imagenet_folder (class-folder tree, torchvision ImageFolder), "
                      "imagenet_list (root + 'relative/path label' list files, CENet/ED-Net format), "
                      "cifar10/cifar100 (torchvision's python files on disk), digits (embedded, scikit-learn), "
-                     "synthetic (random images for benchmarks)", choices=DATASETS),
+                     "synthetic (random images for benchmarks), coco (COCO-format instances_*.json + image folders, "
+                     "for task: detection; see docs/detection.md)", choices=DATASETS),
     "root": Field(None, "dataset folder: ImageNet: holds train_dir/val_dir (and the list files); "
                   "CIFAR: holds cifar-10-batches-py/ or cifar-100-python/; unused by digits and synthetic",
                   type=(str,), nullable=True),
@@ -82,6 +83,10 @@ DATA_SCHEMA = {
     "val_dir": Field("val", "validation images, relative to root (same meaning as train_dir)"),
     "train_list": Field("train.txt", "imagenet_list: training list file, relative to root unless absolute"),
     "val_list": Field("val.txt", "imagenet_list: validation list file, relative to root unless absolute"),
+    "train_ann": Field("annotations/instances_train2017.json", "coco: training annotation file, relative to "
+                       "root unless absolute (images in root/train_dir)"),
+    "val_ann": Field("annotations/instances_val2017.json", "coco: validation annotation file, relative to root "
+                     "unless absolute (images in root/val_dir)"),
     "num_classes": Field(None, "expected number of classes; null = the model's num_classes (passed by the engine); "
                          "list labels must lie in [0, num_classes), folder trees must have that many classes",
                          type=(int,), nullable=True, check=_min(1)),
@@ -103,7 +108,8 @@ DATA_SCHEMA = {
                          "(same crop distribution either way)"),
     "augment": {
         "preset": Field("auto", "training recipe: imagenet (RandomResizedCrop + flip), cenet (imagenet + PCA "
-                        "lighting 0.1 as CENet), cifar (pad-4 crop + flip), digits (small shifts, no flip), none; "
+                        "lighting 0.1 as CENet), cifar (pad-4 crop + flip), digits (small shifts, no flip), detection "
+                        "(flip only; the detector resizes), none; "
                         "auto = by dataset; the keys below override single parts", choices=AUGMENT_PRESETS),
         "crop": Field(None, "random_resized (RandomResizedCrop), pad (zero-pad then random crop), none "
                       "(eval-style resize/center crop)", type=(str,), nullable=True, choices=CROPS),

@@ -8,6 +8,10 @@ batch (no implicit scaling: a recipe states its own lr and batch).
 """
 from engine.fields import ConfigError, Field
 
+TASKS = ("classification", "detection")  # engine/tasks.py builds each
+METRICS = {"classification": ("top1", "top5", "ema_top1"),  # what eval.best_metric may name, per task
+           "detection": tuple(f"{p}{t}_{k}" for p in ("", "ema_") for t in ("bbox", "segm")
+                              for k in ("AP", "AP50", "AP75"))}
 SCHEDULES = ("step", "multistep", "cosine", "poly", "constant")
 WD_EXEMPT = ("norm", "bias", "marked")
 
@@ -102,8 +106,9 @@ EVAL_SCHEMA = {
     "interval": Field(1, "evaluate every N epochs during training (0: only after the last epoch)",
                       check=_at_least(0)),
     "batch_size": Field(256, "GLOBAL evaluation batch (split over processes)", check=_at_least(1)),
-    "best_metric": Field("top1", "metric that selects best.pth (higher is better)",
-                         choices=("top1", "top5", "ema_top1")),
+    "best_metric": Field("top1", "metric that selects best.pth (higher is better): top1, top5, ema_top1 "
+                         "(classification); bbox_AP, segm_AP, bbox_AP50, ... and ema_ forms (detection)",
+                         choices=tuple(m for ms in METRICS.values() for m in ms)),
     "final": Field(True, "evaluate after the last epoch even if interval does not divide epochs"),
 }
 
@@ -150,8 +155,15 @@ ENGINE_SCHEMA = {"train": TRAIN_SCHEMA, "eval": EVAL_SCHEMA, "runtime": RUNTIME_
 def cross_check(tree):
     """Checks that involve more than one key (the tree is already type-checked)."""
     train, ev = tree["train"], tree["eval"]
-    if ev["best_metric"] == "ema_top1" and not train["ema"]:
-        raise ConfigError("eval.best_metric=ema_top1 needs train.ema=true; enable the EMA or use top1")
+    task = tree.get("task", "classification")
+    if ev["best_metric"] not in METRICS[task]:
+        raise ConfigError(f"eval.best_metric={ev['best_metric']} is not a {task} metric; use one of "
+                          f"{list(METRICS[task])}")
+    if ev["best_metric"].startswith("ema_") and not train["ema"]:
+        raise ConfigError(f"eval.best_metric={ev['best_metric']} needs train.ema=true; enable the EMA or use "
+                          f"{ev['best_metric'][4:]}")
+    if task == "detection":
+        _check_detection(tree)
     if train["schedule"] == "multistep" and list(train["milestones"]) != sorted(train["milestones"]):
         raise ConfigError(f"train.milestones={train['milestones']} must be increasing; sort them")
     if train["warmup_epochs"] > train["epochs"]:
@@ -162,11 +174,31 @@ def cross_check(tree):
                           f"train.accum_steps={train['accum_steps']}; change one of them")
 
 
+def _check_detection(tree):
+    from models.detector import check_detector
+    if tree["data"]["dataset"] != "coco":
+        raise ConfigError(f"task: detection reads COCO-format data; set data.dataset=coco (got "
+                          f"{tree['data']['dataset']})")
+    if tree["eval"]["best_metric"].endswith(("segm_AP", "segm_AP50", "segm_AP75")) and \
+            tree["detector"]["type"] != "mask_rcnn":
+        raise ConfigError(f"eval.best_metric={tree['eval']['best_metric']} needs masks: set "
+                          f"detector.type=mask_rcnn or use bbox_AP")
+    if tree["model"].get("features_only"):
+        raise ConfigError("task: detection makes the body features-only itself (from detector.out_indices); "
+                          "remove model.features_only and model.out_indices")
+    check_detector(tree["detector"])
+
+
+TASK_FIELD = Field("classification", "what the run trains: classification (model = classifier) or detection "
+                   "(detector section over model's backbone, COCO-format data; docs/detection.md)", choices=TASKS)
+
+
 def get_schema():
-    """The full schema: model and data sections from their packages, then the engine's."""
+    """The full schema: model, detector and data sections from their packages, then the engine's."""
     from data.schema import DATA_SCHEMA
-    from models.schema import MODEL_SCHEMA
-    return {"model": MODEL_SCHEMA, "data": DATA_SCHEMA, **ENGINE_SCHEMA}
+    from models.schema import DETECTOR_SCHEMA, MODEL_SCHEMA
+    return {"task": TASK_FIELD, "model": MODEL_SCHEMA, "detector": DETECTOR_SCHEMA, "data": DATA_SCHEMA,
+            **ENGINE_SCHEMA}
 
 
 def describe(schema=None, prefix=""):

@@ -25,12 +25,12 @@ from engine.checkpoint import CheckpointError
 from engine.checkpoint_manager import CheckpointManager, check_writable
 from engine.config import Config, dump
 from engine.ema import ModelEMA
-from engine.evaluator import autocast_for, evaluate
+from engine.evaluator import autocast_for
 from engine.fields import ConfigError
 from engine.guard import NonFiniteError, NonFiniteGuard
 from engine.lock import WorkDirBusy, WorkDirLock
 from engine.logger import RunLogger, setup_console
-from engine.meters import SumMeter, Throughput, format_eta
+from engine.meters import Throughput, format_eta
 from engine.optim import IterScheduler, build_optimizer, group_lrs
 from engine.ownership import check_owner, describe_diff
 from engine.preempt import StopAgreement
@@ -44,12 +44,12 @@ from engine.threads import set_threads
 class Trainer:
     def __init__(self, cfg, model_fn=None):
         import data as data_lib
+        from engine.tasks import build_task
         self.cfg = cfg if isinstance(cfg, Config) else Config(cfg)
         cfg, rt, tr = self.cfg, self.cfg.runtime, self.cfg.train
         if rt.work_dir is None:
             raise ConfigError("runtime.work_dir is not set; pass runtime.work_dir=DIR")
-        from models.features import require_classifier
-        require_classifier(cfg.model, "the trainer")
+        self.task = task = build_task(self.cfg)
         self.work_dir = rt.work_dir
         self.dist = du.init_distributed(cfg.dist, rt.device)
         self.log = setup_console(self.dist.rank)
@@ -64,16 +64,12 @@ class Trainer:
         seed_everything(rt.seed, rt.deterministic, rt.cudnn_benchmark)
 
         # data
-        ncls = cfg.model.num_classes
-        self.train_set = data_lib.build_dataset(cfg.data, "train", num_classes=ncls)
-        self.val_set = data_lib.build_dataset(cfg.data, "val", num_classes=ncls)
+        self.train_set, self.val_set = task.build_dataset("train"), task.build_dataset("val")
         dist_on = self.dist.distributed
         self.train_loader = data_lib.build_loader(self.train_set, cfg.data, "train", self.batch, dist_on, rt.seed)
         val_batch = max(cfg.eval.batch_size // world, 1)
         self.val_loader = data_lib.build_loader(self.val_set, cfg.data, "val", val_batch, dist_on, rt.seed)
-        data_cfg = {**cfg.data, "channels_last": cfg.data.channels_last or tr.channels_last}
-        self.train_tf = data_lib.build_device_transform(data_cfg, "train")
-        self.val_tf = data_lib.build_device_transform(data_cfg, "val")
+        self.train_tf, self.val_tf = task.device_transform("train"), task.device_transform("val")
         for tf in (self.train_tf, self.val_tf):
             if isinstance(tf, nn.Module):
                 tf.to(self.device)
@@ -85,7 +81,7 @@ class Trainer:
 
         # model (same initial weights on every rank and for every world size), optimizer, EMA
         if model_fn is None:
-            from models import build_model as model_fn
+            model_fn = task.build_model
         torch.manual_seed(rt.seed)
         model = model_fn(cfg.model)
         if dist_on and tr.sync_bn:
@@ -102,7 +98,6 @@ class Trainer:
             self.log.info("mixed precision: %s autocast on %s%s", self.amp, self.device.type,
                           " with a dynamic grad scaler" if self.scaler is not None else "")
         self.ema = ModelEMA(model, tr.ema_decay, tr.ema_every) if tr.ema else None
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=tr.label_smoothing)
         self.net = model
         if dist_on:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -237,7 +232,7 @@ class Trainer:
 
     def _train_epoch(self, epoch):
         self.net.train()
-        meter, timer = SumMeter(self.device), Throughput()
+        meter, timer = self.task.meter(self.device), Throughput()
         it, micro = self._start_epoch(epoch), 0
         images_per_step = self.batch * self.accum * self.dist.world_size
         if self.iter_in_epoch >= self.iters_per_epoch:
@@ -252,8 +247,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last_micro or not self.dist.distributed else self.net.no_sync()
             with sync:
                 with autocast_for(self.device, self.amp):
-                    logits = self.net(images)
-                    loss = self.criterion(logits, target)
+                    loss, logits = self.task.loss(self.net, images, target)
                 if self.nonfinite is not None and not self.nonfinite.step_ok(loss, self.step):
                     self.optimizer.zero_grad(set_to_none=True)
                     micro = 0
@@ -314,7 +308,7 @@ class Trainer:
         backbone = f" (backbone {lrs['lr_backbone']:.5g})" if "lr_backbone" in lrs else ""
         eta = format_eta((self.total_steps - self.step) * self._timed[0] / max(self._timed[1], 1))
         self.log.info(f"epoch {epoch + 1}/{self.cfg.train.epochs} [{self.iter_in_epoch}/{self.iters_per_epoch}] "
-                      f"loss {m['loss']:.4f} top1 {m['top1']:.2f} top5 {m['top5']:.2f} lr {lr:.5g}{backbone} | "
+                      f"{self.task.train_line(m)} lr {lr:.5g}{backbone} | "
                       f"data {t['data_time']:.3f}s step {t['step_time']:.3f}s {t['img_s']:.0f} img/s | eta {eta}")
         self.runlog.log("train", self.step, {**m, **lrs, **t}, epoch=epoch + 1)
 
@@ -324,10 +318,10 @@ class Trainer:
         if self.ema is not None:
             du.broadcast_buffers(self.ema.module)
         ev = dict(device=self.device, transform=self.val_tf, amp=self.amp)
-        metrics = evaluate(self.model, self.val_loader, **ev)
+        metrics = self.task.evaluate(self.model, self.val_loader, **ev)
         if self.ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in evaluate(self.ema.module, self.val_loader, **ev).items()
-                            if k != "count"})
+            metrics.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader, **ev)
+                            .items() if k not in ("count", "table")})
         metrics["time_s"] = time.perf_counter() - start
         bad = [k for k in ("loss", "ema_loss") if k in metrics and not np.isfinite(metrics[k])]
         if bad:  # e.g. diverged running statistics: such weights must not become a checkpoint or best.pth
@@ -337,10 +331,12 @@ class Trainer:
                                  f"the block options and train.lr, then resume from it")
         if metrics["count"] != len(self.val_set):
             self.log.warning("evaluated %d images but the validation set has %d", metrics["count"], len(self.val_set))
-        ema = f" | ema top1 {metrics['ema_top1']:.2f}" if self.ema is not None else ""
-        self.log.info(f"val epoch {self.epoch}/{self.cfg.train.epochs}: top1 {metrics['top1']:.2f} "
-                      f"top5 {metrics['top5']:.2f} "
-                      f"loss {metrics['loss']:.4f} ({metrics['count']} images, {metrics['time_s']:.1f}s){ema}")
+        ema = f" | ema {self.task.val_line({k[4:]: v for k, v in metrics.items() if k.startswith('ema_')})}" \
+            if self.ema is not None else ""
+        if "table" in metrics:
+            self.log.info("%s", metrics.pop("table"))
+        self.log.info(f"val epoch {self.epoch}/{self.cfg.train.epochs}: {self.task.val_line(metrics)} "
+                      f"({metrics['count']} images, {metrics['time_s']:.1f}s){ema}")
         self.runlog.log("val", self.step, metrics, epoch=self.epoch)
         if self.dist.is_main:
             try:
@@ -373,8 +369,8 @@ class Trainer:
         if status == "done" and metrics is None and self.epoch >= self.cfg.train.epochs:
             self.log.info("nothing to do: this run already finished its %d epochs", self.epoch)
         if metrics:
-            self.log.info("final: top1 %.2f top5 %.2f (best %s %.2f)", metrics["top1"], metrics["top5"],
-                          self.cfg.eval.best_metric, self.best_metric if self.best_metric is not None else float("nan"))
+            self.log.info("final: %s (best %s %.4g)", self.task.val_line(metrics), self.cfg.eval.best_metric,
+                          self.best_metric if self.best_metric is not None else float("nan"))
         self.log.info("checkpoint: %s", self.ckpt.last_saved or self.ckpt.latest())
         if self.ckpt.best_path:
             self.log.info("best checkpoint: %s", self.ckpt.best_path)

@@ -1,6 +1,7 @@
 """Every config in configs/ (except _base_ pieces) loads, and trains one step on tiny synthetic data.
 
-The data section is replaced by a 2-image synthetic set at 32x32 and the run is
+The data section is replaced by a 2-image synthetic set at 32x32 (a detection config: the generated
+COCO-format shapes set, data/shapes.py, at 64 pixels) and the run is
 cut after one optimizer step (runtime.max_steps=1, no checkpoint), so this
 checks that each experiment's model, optimizer, schedule and engine options fit
 together, not its data paths (which point at datasets that CI does not have).
@@ -29,6 +30,14 @@ TINY = ["data.dataset=synthetic", "data.root=null", "data.num_classes=null", "da
         "eval.batch_size=2", "eval.interval=0", "eval.final=false", "eval.best_metric=top1",
         "runtime.device=cpu", "runtime.max_steps=1", "runtime.tensorboard=false", "runtime.resume_from=null",
         "model.pretrained=null"]
+DETECTION_TINY = [o for o in TINY if not o.startswith(("data.", "eval.best_metric"))] + [
+    "data.workers=0", "detector.num_classes=3", "detector.min_size=64", "detector.max_size=96"]
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    from data.shapes import make_shapes_coco
+    return make_shapes_coco(str(tmp_path_factory.mktemp("shapes")), {"train2017": 4, "val2017": 2}, 48)
 
 
 
@@ -40,7 +49,8 @@ def step_keys(path):
     conv = dict(model.get("conv") or {})
     blocks = [conv.get("type", "plain"), conv.get("mwe")] + [(p["type"], p.get("variant")) for p in
                                                             model.get("plugins") or []]
-    return (json.dumps([model.get("backbone"), blocks], default=str),
+    detector = (tree.get("detector") or {}).get("type") if tree.get("task") == "detection" else None
+    return (json.dumps([model.get("backbone"), blocks, detector], default=str),
             json.dumps(tree.get("train", {}), sort_keys=True, default=str))
 
 
@@ -67,12 +77,15 @@ def test_a_cifar100_row_shares_the_step_of_its_cifar10_twin():
 
 
 @pytest.mark.parametrize("path", STEPPED)
-def test_config_trains_one_step(path, tmp_path, monkeypatch):
+def test_config_trains_one_step(path, tmp_path, monkeypatch, request):
     import torch
     from engine.trainer import Trainer
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    cfg = load_config(os.path.join(ROOT, path), TINY + [f"runtime.work_dir={tmp_path}"])
+    tiny = TINY
+    if read_tree(os.path.join(ROOT, path)).get("task") == "detection":
+        tiny = DETECTION_TINY + [f"data.root={request.getfixturevalue('shapes_root')}"]
+    cfg = load_config(os.path.join(ROOT, path), tiny + [f"runtime.work_dir={tmp_path}"])
     t = Trainer(cfg)
     before = {k: v.clone() for k, v in t.model.state_dict().items() if v.is_floating_point()}
     result = t.train()

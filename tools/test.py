@@ -10,7 +10,9 @@ printed as a warning line (and kept in the metrics JSON): no silent difference.
 Our training checkpoints, exported zoo weights, torchvision files and the
 original CE/ED/WE repositories' files all load (models.weights.load_weights);
 every file's integrity is checked (engine.integrity).
-Top-1/top-5/loss are counted once per validation image across processes, printed,
+Top-1/top-5/loss (classification) or COCO AP (task: detection, with the standard
+table; the detections go to ``detections_<checkpoint name>.json`` beside the
+metrics) are counted once per validation image across processes, printed,
 and written as JSON next to the run: ``<work_dir>/test_<checkpoint name>.json``
 (the work dir holding ``checkpoints/`` for our checkpoints, else runtime.work_dir
 or the config's default work dir). Exit codes: 0 done, 1 unexpected error,
@@ -103,31 +105,29 @@ def result_path(args, cfg, ckpt_path):
     return os.path.join(work_dir, f"test_{name}.json")
 
 
-def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None):
-    """(metrics, local checkpoint path, number of validation images, weights load report, loaded state).
+def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None, results_path=None):
+    """(metrics, local checkpoint path, number of validation images, weights load report, loaded state, task).
 
     ``path``/``state``: the checkpoint already resolved and loaded (``./test.sh CHECKPOINT``); ``fix``:
-    what to do when its weights do not fit the config's model.
+    what to do when its weights do not fit the config's model; ``results_path``: detection writes its COCO
+    result entries there.
     """
     import torch
 
     import data as data_lib
     from engine import distributed as du
     from engine.checkpoint import CheckpointError, load_checkpoint
-    from engine.evaluator import evaluate
     from engine.hub import resolve_checkpoint
+    from engine.tasks import build_task
     from engine.threads import set_threads
-    from models import build_model
-    from models.features import require_classifier
     from models.weights import load_weights
-    require_classifier(cfg.model, "./test.sh (top-1/top-5 evaluation)")
+    task = build_task(cfg)
     info = du.init_distributed(cfg.dist, cfg.runtime.device)
     set_threads(cfg.runtime.threads)  # as training: runtime.threads, OMP_NUM_THREADS, or cores per process
-    dataset = data_lib.build_dataset(cfg.data, "val", num_classes=cfg.model.num_classes)
+    dataset = task.build_dataset("val")
     loader = data_lib.build_loader(dataset, cfg.data, "val", max(cfg.eval.batch_size // info.world_size, 1),
                                    info.distributed, cfg.runtime.seed)
-    transform = data_lib.build_device_transform(
-        {**cfg.data, "channels_last": cfg.data.channels_last or cfg.train.channels_last}, "val")
+    transform = task.device_transform("val")
     if hasattr(transform, "to"):
         transform.to(info.device)
     if path is None:
@@ -141,7 +141,7 @@ def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None):
         if err is not None:
             raise err
         path = path or resolve_checkpoint(spec)
-    model = build_model(cfg.model)
+    model = task.build_model(cfg.model)
     full = state if state is not None else load_checkpoint(path)
     weights = full
     if ema:
@@ -154,8 +154,8 @@ def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None):
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     amp = cfg.train.amp if info.device.type == "cuda" else "none"
-    metrics = evaluate(model, loader, info.device, transform, amp)
-    return metrics, path, len(dataset), report, full
+    metrics = task.evaluate(model, loader, info.device, transform, amp, results_path)
+    return metrics, path, len(dataset), report, full, task
 
 
 def _weights_fix(args):
@@ -195,8 +195,13 @@ def run(argv=None):
         else:
             cfg, path, state = load_config(args.config, args.overrides), None, None
         start = time.time()
-        metrics, path, size, report, state = evaluate_checkpoint(cfg, args.checkpoint, args.ema, path, state,
-                                                                 _weights_fix(args))
+        detections = None
+        if cfg.get("task") == "detection":  # COCO result entries beside the metrics: detections_<name>.json
+            out = result_path(args, cfg, path or args.checkpoint)
+            detections = os.path.join(os.path.dirname(out), "detections_" + os.path.basename(out)[len("test_"):]) \
+                if os.path.basename(out).startswith("test_") else os.path.splitext(out)[0] + "_detections.json"
+        metrics, path, size, report, state, task = evaluate_checkpoint(cfg, args.checkpoint, args.ema, path, state,
+                                                                       _weights_fix(args), detections)
     except (ConfigError, CheckpointError, WeightsMismatchError) as e:
         if du.launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -213,8 +218,9 @@ def run(argv=None):
                   "dataset_size": size, "world_size": du.get_world_size(), "time_s": round(time.time() - start, 2)}
         shown = args.checkpoint if os.path.abspath(args.checkpoint) == os.path.abspath(path) else \
             f"{args.checkpoint} ({path})"
-        print(f"{shown}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-              f"loss {metrics['loss']:.4f} ({metrics['count']}/{size} images)")
+        if "table" in metrics:
+            print(metrics.pop("table"))
+        print(f"{shown}: {task.val_line(metrics)} ({metrics['count']}/{size} images)")
         try:
             atomic_write(out, lambda f: f.write(json.dumps(record, indent=2).encode()),
                          fix="pass --out FILE in a writable folder (the metrics above are complete)")
