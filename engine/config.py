@@ -73,7 +73,27 @@ def _construct_int(loader, node):
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
+def _check_flow_depth(text):
+    """Refuse deep ``[[[...``/``{a: {a: ...`` before PyYAML's scanner, whose look-ahead is quadratic in them."""
+    depth, quote, line = 0, None, 1
+    for i, ch in enumerate(text):
+        if ch == "\n":
+            line += 1
+        if quote:
+            quote = None if ch == quote and text[i - 1] != "\\" else quote
+        elif ch in "\"'" and (i == 0 or text[i - 1] in " \t\n[{,:"):
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"line {line}: nested more than {MAX_DEPTH} levels deep; "
+                                  "a config is a few levels of sections and lists")
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+
+
 def _check_depth(text):
+    _check_flow_depth(text)
     depth = 0
     for event in yaml.parse(text, Loader=_Loader):
         if isinstance(event, yaml.CollectionStartEvent):
