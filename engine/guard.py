@@ -99,7 +99,7 @@ class PreemptionGuard:
             os.kill(os.getpid(), signum)
             return
         self.signum, self._first = signum, now
-        log.warning('received %s: stopping at the end of this step (Ctrl-C again stops at once)',
+        log.warning('received %s: saving at the end of this step or validation batch (Ctrl-C again stops at once)',
                     signal.Signals(signum).name)
 
     def install(self):

@@ -17,7 +17,10 @@ This launcher imports nothing heavy and:
 * when a process dies of a signal (killed, out of memory) while the others run,
   gives the others ``--grace`` seconds to notice, kills what is left and exits
   with 76 in one line; when processes exit with a code, exits with rank 0's
-  (each refusal is printed once, by rank 0).
+  (each refusal is printed once, by rank 0);
+* watches the processes' progress (engine/watchdog.py): when a rank or a data
+  worker makes no progress for ``dist.watchdog_s``, kills the run and exits
+  with 76 in one line naming the stalled process and the last step.
 
 NPROC empty means one per visible GPU (``CUDA_VISIBLE_DEVICES``, else
 ``nvidia-smi -L``; 1 without GPUs). ``NNODES``/``NODE_RANK``/``MASTER_ADDR``/
@@ -25,11 +28,15 @@ NPROC empty means one per visible GPU (``CUDA_VISIBLE_DEVICES``, else
 """
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+
+from engine.watchdog import RUN_DIR_ENV, find_stall
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 EXIT_USAGE, EXIT_PREEMPTED, EXIT_PEER_LOST = 2, 75, 76  # engine/guard.py (not imported: it imports torch)
@@ -90,6 +97,7 @@ class Launch:
         self.world, self.base = nnodes * nproc, node_rank * nproc
         self.addr, self.port = addr, port or free_port()
         self.procs, self.codes, self.stop_signal, self.previous = [], {}, None, {}
+        self.run_dir = tempfile.mkdtemp(prefix="blocklab-run-")
 
     def start(self):
         self.previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
@@ -98,7 +106,8 @@ class Launch:
                 break
             env = {**os.environ, "RANK": str(self.base + local), "LOCAL_RANK": str(local),
                    "WORLD_SIZE": str(self.world), "LOCAL_WORLD_SIZE": str(self.nproc),
-                   "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "BLOCKLAB_LAUNCHER": "1"}
+                   "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "BLOCKLAB_LAUNCHER": "1",
+                   RUN_DIR_ENV: self.run_dir}
             env.setdefault("OMP_NUM_THREADS", "1")
             self.procs.append(subprocess.Popen(self.cmd, env=env, preexec_fn=_child_setup))
 
@@ -110,8 +119,32 @@ class Launch:
 
     def wait(self):
         """Exit code of the run, after every process ended; prints one line when the launcher decided it."""
-        failures, deadline = [], None
+        try:
+            return self._wait()
+        finally:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _stalled(self):
+        """Kill every process of a stalled run (SIGKILL also ends stopped ones) after saying which one stalled."""
+        message = find_stall(self.run_dir)
+        if message is None:
+            return False
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        for p in self.procs:
+            _end_group(p.pid)
+        for p in self.procs:
+            p.wait()
+        return True
+
+    def _wait(self):
+        failures, deadline, watched = [], None, time.monotonic()
         while len(self.codes) < len(self.procs):
+            if time.monotonic() - watched > 1.0:
+                watched = time.monotonic()
+                if self._stalled():
+                    return EXIT_PEER_LOST
             for rank, p in enumerate(self.procs):
                 if rank in self.codes or p.poll() is None:
                     continue
@@ -126,8 +159,6 @@ class Launch:
                     if p.poll() is None:
                         p.kill()
             time.sleep(0.05)
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
         stopped = [r for r, c in self.codes.items() if self.stop_signal and c == -self.stop_signal]
         if stopped or not self.codes:  # the forwarded signal killed a process (during setup, or Ctrl-C twice)
             print(f"stopped by {signal.Signals(self.stop_signal).name} before a checkpoint could be saved; the last "
