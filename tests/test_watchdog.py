@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine.guard import EXIT_PEER_LOST
+from engine.guard import EXIT_PEER_LOST, EXIT_PREEMPTED
 from engine.watchdog import find_stall
 from tests.engine_helpers import ROOT, launch_env
 
@@ -60,34 +60,82 @@ def test_watchdog_must_be_below_the_collective_timeout():
         tiny_cfg("/nonexistent", "dist.watchdog_s=1800")
 
 
-def _victim(run_dir, target):
-    """pid of rank 1 ('rank') or of rank 1's first data worker ('worker'), from their heartbeat files."""
-    pattern = "rank1.json" if target == "rank" else "rank1-worker*-*.json"
-    for path in glob.glob(os.path.join(run_dir, "blocklab-run-*", pattern)):
+def _start(tmp_path, config, *overrides):
+    """``./train.sh CONFIG 2`` in the background, its log in a file and the launcher's run directory under tmp_path."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(config)
+    runs = tmp_path / "runs"
+    runs.mkdir(exist_ok=True)
+    env = {**launch_env(), "TMPDIR": str(runs)}  # the launcher's run directory lands where the test can see it
+    log = open(tmp_path / "log.txt", "w")  # a file, not a pipe nobody reads while it runs
+    proc = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "2", f"runtime.work_dir={tmp_path / 'w'}",
+                             *overrides], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return proc, runs
+
+
+def _heartbeats(runs):
+    """{file name: record} of the ranks' and workers' heartbeat files of the running launcher."""
+    out = {}
+    for path in glob.glob(str(runs / "blocklab-run-*" / "*.json")):
         try:
-            return json.loads(open(path).read())["pid"]
-        except (OSError, ValueError, KeyError):
+            out[os.path.basename(path)] = json.loads(open(path).read())
+        except (OSError, ValueError):
             pass
+    return out
+
+
+def _wait_for(proc, condition, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.3)
     return None
+
+
+def test_sigterm_during_validation_saves_within_seconds_and_resume_validates(tmp_path):
+    config = CONFIG.replace("train_size: 2048, val_size: 16", "train_size: 64, val_size: 8192")
+    proc, runs = _start(tmp_path, config)
+    try:
+        assert _wait_for(proc, lambda: any(r.get("phase") == "val" for r in _heartbeats(runs).values())), \
+            (tmp_path / "log.txt").read_text()
+        os.kill(proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        proc.wait(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == EXIT_PREEMPTED, log
+    assert "validation of epoch 1 interrupted by SIGTERM: it runs again when the run resumes" in log
+    assert "val epoch 1:" not in log and "Traceback" not in log
+    assert took < 30, took  # a full validation pass here takes minutes
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["latest", "step_0000008.pth"]
+    proc, _ = _start(tmp_path, config)  # the same command: validates epoch 1, then finishes
+    proc.wait(timeout=600)
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, log
+    assert "val epoch 1:" in log and "epoch 1/1 [" not in log  # no training step was repeated
+
+
+def _victim(runs, target):
+    """pid of rank 1 ('rank') or of one of rank 1's data workers ('worker') once rank 1 is watched, else None."""
+    beats = _heartbeats(runs)
+    if not beats.get("rank1.json", {}).get("armed"):
+        return None
+    if target == "rank":
+        return beats["rank1.json"]["pid"]
+    return next((r["pid"] for name, r in beats.items() if name.startswith("rank1-worker")), None)
 
 
 @pytest.mark.parametrize("target", ["rank", "worker"])
 def test_a_stopped_rank_or_worker_ends_a_two_process_run_in_one_line(tmp_path, target):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(CONFIG)
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    env = {**launch_env(), "TMPDIR": str(runs)}  # the launcher's run directory lands where the test can see it
-    log = open(tmp_path / "log.txt", "w+")  # a file, not a pipe nobody reads while it runs
-    proc = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "2", f"runtime.work_dir={tmp_path / 'w'}",
-                             "dist.watchdog_s=3"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, runs = _start(tmp_path, CONFIG, "dist.watchdog_s=3")
     try:
-        deadline, pid = time.monotonic() + 240, None
-        while pid is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            ranks = glob.glob(str(runs / "blocklab-run-*" / "rank*.json"))
-            armed = any(json.loads(open(p).read()).get("armed") for p in ranks if "worker" not in os.path.basename(p))
-            pid = _victim(runs, target) if armed else None
+        pid = _wait_for(proc, lambda: _victim(runs, target))
         assert pid is not None, (tmp_path / "log.txt").read_text()
         os.kill(pid, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -96,7 +144,6 @@ def test_a_stopped_rank_or_worker_ends_a_two_process_run_in_one_line(tmp_path, t
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
     err = (tmp_path / "log.txt").read_text()
     assert proc.returncode == EXIT_PEER_LOST, err
     errors = [ln for ln in err.splitlines() if ln.startswith("error") or "Traceback" in ln]
