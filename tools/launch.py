@@ -16,8 +16,9 @@ This launcher imports nothing heavy and:
   as they are: they save at the current step and exit 75);
 * when a process dies of a signal (killed, out of memory) while the others run,
   gives the others ``--grace`` seconds to notice, kills what is left and exits
-  with 76 in one line; when processes exit with a code, exits with rank 0's
-  (each refusal is printed once, by rank 0);
+  with 76 in one line; when processes exit with a code, prints each distinct
+  error line the ranks left (engine/relay.py) once and exits with the code of
+  the rank that failed first;
 * watches the processes' progress (engine/watchdog.py): when a rank or a data
   worker makes no progress for ``dist.watchdog_s``, kills the run and exits
   with 76 in one line naming the stalled process and the last step.
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 
+from engine.relay import read_errors
 from engine.watchdog import RUN_DIR_ENV, find_stall
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -166,6 +168,10 @@ class Launch:
             return EXIT_PREEMPTED
         if not failures:
             return self.codes[0]
+        errors = read_errors(self.run_dir, [self.base + r for r in self.codes])  # in the order they exited
+        for ranks, line in errors:  # each rank's own one line, once
+            said = "" if len(ranks) == self.world else f"[rank {', '.join(map(str, ranks))}] "
+            print(line.replace("error: ", f"error: {said}", 1), file=sys.stderr, flush=True)
         rank = failures[0]
         code, pid, who = self.codes[rank], self.procs[rank].pid, self.base + rank
         if code < 0:
@@ -174,6 +180,8 @@ class Launch:
                   f"{' (out of memory?)' if name == 'SIGKILL' else ''}; the run stopped without saving: run the "
                   "same command to resume from the last checkpoint", file=sys.stderr, flush=True)
             return EXIT_PEER_LOST
+        if errors:
+            return self.codes[errors[0][0][0] - self.base]
         if who != 0 and any(c != code for c in self.codes.values()):
             print(f"error: the process of rank {who} failed first (exit {code}; its output is above); the others "
                   "stopped", file=sys.stderr, flush=True)

@@ -79,6 +79,7 @@ def _run(argv):
     from engine.fields import ConfigError
     from engine.guard import (EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE,
                               NonFiniteError)
+    from engine.relay import report_error
     args = parse_args(argv)
     code, err = EXIT_OK, None
     try:
@@ -104,10 +105,9 @@ def _run(argv):
         if os.environ.get("BLOCKLAB_LAUNCHER") and "lost contact" in err:
             err = None
     finally:
-        rank0 = du.launch_rank() == 0
         du.destroy()
-    if err and rank0:  # every rank refuses alike: say it once
-        print(err, file=sys.stderr)
+    if err:
+        report_error(err)  # once on the console, whichever rank (engine/relay.py)
     return code
 
 
