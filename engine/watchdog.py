@@ -129,19 +129,20 @@ def find_stall(run_dir, now=None):
     if not stalled:
         return None
     limit = stalled[0]["watchdog_s"]
-    waiting = {(r["rank"], _SPLIT_OF_PHASE[r["phase"]]) for r in stalled if r["phase"] in _SPLIT_OF_PHASE}
+    ranks = [r for r in ranks if proc_state(r["pid"]) not in (None, "Z")]
+    waiting = {(r["rank"], _SPLIT_OF_PHASE[r["phase"]]) for r in ranks if r["phase"] in _SPLIT_OF_PHASE}
     workers = [r for r in records if "worker" in r and (r["rank"], r["split"]) in waiting
                and proc_state(r["pid"]) not in (None, "Z")]
-    alive = [r for r in ranks + workers if proc_state(r["pid"]) not in (None, "Z")]
-    stopped = [r for r in alive if proc_state(r["pid"]) in _STATES]
+    stopped = [r for r in ranks + workers if proc_state(r["pid"]) in _STATES]
     if stopped:
         culprit, why = stopped[0], _STATES[proc_state(stopped[0]["pid"])]
-    elif workers:
+    elif workers:  # a rank waits for a batch while the others wait for it in a collective
         culprit, why = min(workers, key=lambda r: r["progress_t"]), "hung (no batch)"
-    else:
-        culprit, why = min(stalled, key=lambda r: (r["step"], r["progress_t"])), "hung"
+    else:  # the rank furthest behind; the others wait for it in a collective
+        culprit, why = min(ranks or stalled, key=lambda r: (r["step"], r["progress_t"])), "hung"
     rank = next((r for r in ranks if r["rank"] == culprit["rank"]), culprit)
-    idle = now - min(r["progress_t"] for r in stalled)
+    idle = now - rank["progress_t"]
     return (f"watchdog: {_who(culprit)} is {why}: rank {rank['rank']} made no progress for {idle:.0f} s "
-            f"(last step {rank.get('step', '?')}, {_PHASES.get(rank.get('phase'), '?')}); the run was ended without saving: run "
-            f"the same command to resume from the last checkpoint (the limit is dist.watchdog_s={limit:g})")
+            f"(last step {rank.get('step', '?')}, {_PHASES.get(rank.get('phase'), '?')}); the run was ended "
+            f"without saving: run the same command to resume from the last checkpoint (the limit is "
+            f"dist.watchdog_s={limit:g})")

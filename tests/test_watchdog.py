@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -152,3 +153,23 @@ def test_a_stopped_rank_or_worker_ends_a_two_process_run_in_one_line(tmp_path, t
     assert "is stopped (SIGSTOP" in errors[0] and "last step" in errors[0]
     assert took < 60, took  # 3 s of no progress, then about a second to notice (loaded test machines: slack)
     assert not glob.glob(str(runs / "blocklab-run-*")), "the launcher removes its run directory"
+
+
+def test_a_killed_data_worker_ends_a_two_process_run_with_76_in_one_line(tmp_path):
+    """An OOM kill of a worker is a SIGKILL: exit 76 and one line, not a traceback with exit 1."""
+    proc, runs = _start(tmp_path, CONFIG)
+    try:
+        pid = _wait_for(proc, lambda: _victim(runs, "worker"))
+        assert pid is not None, (tmp_path / "log.txt").read_text()
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == EXIT_PEER_LOST, log
+    errors = [ln for ln in log.splitlines() if ln.startswith("error") or "Traceback" in ln]
+    assert len(errors) == 1, log  # torch says "killed by signal" or, when its periodic check sees it first, "exited"
+    assert re.fullmatch(rf"error: \[rank 1\] a data loader worker \(pid(\(s\))? {pid}\) (was killed by signal: "
+                        r"Killed|exited unexpectedly) \(out of memory\? .* run the same command to resume from the "
+                        r"last checkpoint", errors[0]), log

@@ -80,6 +80,7 @@ def _run(argv):
     from engine.guard import (EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE,
                               NonFiniteError)
     from engine.relay import report_error
+    from data.errors import worker_lost
     args = parse_args(argv)
     code, err = EXIT_OK, None
     try:
@@ -98,7 +99,7 @@ def _run(argv):
     except NonFiniteError as e:
         code, err = EXIT_NONFINITE, f"error: {e}"
     except RuntimeError as e:  # a dead process of the run: one line (the launcher names the process), else a bug
-        lost = du.as_peer_lost(e)
+        lost = du.as_peer_lost(e) or worker_lost(e)
         if lost is None:
             raise
         code, err = EXIT_PEER_LOST, f"error: {lost}"
