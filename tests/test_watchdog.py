@@ -173,3 +173,34 @@ def test_a_killed_data_worker_ends_a_two_process_run_with_76_in_one_line(tmp_pat
     assert re.fullmatch(rf"error: \[rank 1\] a data loader worker \(pid(\(s\))? {pid}\) (was killed by signal: "
                         r"Killed|exited unexpectedly) \(out of memory\? .* run the same command to resume from the "
                         r"last checkpoint", errors[0]), log
+
+
+def test_ctrl_c_during_test_sh_is_one_line_exit_75(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while ./test.sh evaluates with 2 processes and workers."""
+    import torch
+
+    from engine.config import parse_yaml, from_tree
+    from models import build_model
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG.replace("val_size: 16", "val_size: 50000"))
+    torch.save(build_model(from_tree(parse_yaml(cfg.read_text())).model).state_dict(), tmp_path / "m.pth")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen([os.path.join(ROOT, "test.sh"), str(cfg), str(tmp_path / "m.pth"), "2",
+                                 f"runtime.work_dir={tmp_path / 'w'}"], cwd=tmp_path,
+                                env={**launch_env(), "TMPDIR": str(runs)}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        evaluating = _wait_for(proc, lambda: any(n.startswith("rank1-worker") for n in _heartbeats(runs)))
+        assert evaluating, (tmp_path / "log.txt").read_text()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == EXIT_PREEMPTED, log
+    assert log.strip().splitlines()[-1] == ("stopped by SIGINT: the evaluation was interrupted and wrote nothing; "
+                                            "run the same command again"), log
+    assert "Traceback" not in log and not (tmp_path / "w").exists()

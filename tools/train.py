@@ -47,7 +47,7 @@ class StoppedBeforeStart(BaseException):
 SETUP_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def _stop_during_setup(signum, frame):
+def stop_now(signum, frame):
     # the same stop arrives more than once (SLURM signals every process and the launcher forwards it):
     # the first one stops the run, the others are ignored until the process has exited
     for s in SETUP_STOP_SIGNALS:
@@ -57,7 +57,7 @@ def _stop_during_setup(signum, frame):
 
 def run(argv=None):
     # until the trainer's guard takes over, a stop signal ends the run in one line
-    previous = {s: signal.signal(s, _stop_during_setup) for s in SETUP_STOP_SIGNALS}
+    previous = {s: signal.signal(s, stop_now) for s in SETUP_STOP_SIGNALS}
     stopped = False
     try:
         return _run(argv)
