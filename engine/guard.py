@@ -1,6 +1,6 @@
 """Preemption and non-finite-loss guards for the training loop, and the exit codes of tools/train.py.
 
-Exit codes (documented in the README's troubleshooting section):
+Exit codes (documented in docs/troubleshooting.md):
 
 ====  ==================  ====================================================================
 code  name                meaning
@@ -13,7 +13,8 @@ code  name                meaning
 74    EXIT_IO             a checkpoint could not be written (disk full, permissions); EX_IOERR
 75    EXIT_PREEMPTED      SIGTERM/SIGUSR1/SIGINT received: a checkpoint of the current step was saved;
                           run the same command again to resume (EX_TEMPFAIL: "try again")
-76    EXIT_PEER_LOST      another process of the run died (killed, out of memory) or never joined;
+76    EXIT_PEER_LOST      another process or data worker of the run died (killed, out of memory),
+                          never joined, or made no progress for ``dist.watchdog_s`` (stopped, hung);
                           nothing was saved after the last checkpoint: run the same command to resume
 ====  ==================  ====================================================================
 

@@ -26,12 +26,14 @@ final weights are bit-identical; exits 0 only when all of that holds.
 processes through tools/launch.py, gloo) with ``data.workers=2``, stopped in turn
 by SIGTERM to the script, SIGTERM to every process group of the job (as SLURM
 does), SIGINT to the script's process group (as a terminal's Ctrl-C does) and
-SIGKILL of rank 1; each start is resumed by the same command. For each strike
-it reports the exit code (75, 75, 75, 76), the checkpoint left (the stop step's,
-or the previous one intact after a kill), and at the end whether the final
+SIGKILL of rank 1, SIGSTOP of rank 1 and SIGSTOP of one of its data workers
+(hung processes: the watchdog must end the run); each start is resumed by the
+same command. For each strike it reports the exit code (75, 75, 75, 76, 76, 76),
+the checkpoint left (the stop step's, or the previous one intact after a kill
+or a stall), and at the end whether the final
 state is bit-identical to an uninterrupted ``./train.sh`` run (run alongside).
 
-    python -m tools.fault_inject --real                     # the four strikes
+    python -m tools.fault_inject --real                     # the six strikes
     python -m tools.fault_inject --real --strikes group-term,kill-rank --epochs 1   # tests
 """
 import os
@@ -69,6 +71,7 @@ train: {{epochs: {epochs}, batch_size: 8, lr: 0.05, schedule: cosine, warmup_epo
 eval: {{batch_size: 16}}
 runtime: {{device: cpu, deterministic: true, seed: 3, log_interval: 1, tensorboard: false,
           ckpt_interval_steps: 2, keep_last: 2}}
+dist: {{watchdog_s: 10}}   # the stop-rank/stop-worker strikes: a stall ends the run in seconds
 """
 
 
@@ -220,6 +223,8 @@ STRIKES = {  # name: (what it does, the exit code it must give)
     'group-term': ('SIGTERM to every process group of the job, as SLURM', 75),
     'group-int': ("SIGINT to train.sh's process group, as a terminal's Ctrl-C", 75),
     'kill-rank': ('SIGKILL of rank 1', 76),
+    'stop-rank': ('SIGSTOP of rank 1 (a hung rank; dist.watchdog_s=10)', 76),
+    'stop-worker': ('SIGSTOP of a data worker of rank 1 (a hung worker; dist.watchdog_s=10)', 76),
 }
 
 
@@ -269,6 +274,11 @@ def strike(kind, pid):
         os.killpg(pid, signal.SIGINT)  # started in its own session: its group is the terminal's foreground group
     elif kind == 'kill-rank':
         os.kill(rank_pid(pid, 1), signal.SIGKILL)
+    elif kind == 'stop-rank':  # the watchdog (engine/watchdog.py) must end the run in seconds, naming it
+        os.kill(rank_pid(pid, 1), signal.SIGSTOP)
+    elif kind == 'stop-worker':
+        rank1 = rank_pid(pid, 1)
+        os.kill(next(p for p in process_tree(rank1) if _parent(p) == rank1), signal.SIGSTOP)
 
 
 def _exists(pid):
