@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from engine import distributed as du
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, state_nbytes
 from engine.checkpoint_manager import CheckpointManager, check_writable
 from engine.config import Config, dump
 from engine.ema import ModelEMA
@@ -131,7 +131,9 @@ class Trainer:
         err = None
         if self.dist.is_main:
             try:
-                check_writable(self.work_dir, files=("config.yaml", "log.txt", "metrics.jsonl"),
+                check_writable(self.work_dir, need_bytes=self._checkpoint_bytes() * 2,  # new file before old goes
+                               files=("config.yaml", "log.txt", "metrics.jsonl", "checkpoints/latest",
+                                      "checkpoints/best.pth", "checkpoints/best.json"),
                                dirs=("checkpoints",) + (("tb",) if rt.tensorboard else ()))
                 self.lock.acquire()
                 if self.ckpt.read_pointer() != resumed:
@@ -154,6 +156,11 @@ class Trainer:
         self.log.info("world size %d (%s), device %s, per-process batch %d x %d accumulation, %d steps/epoch",
                       world, self.dist.backend or "single process", self.device, self.batch, self.accum,
                       self.iters_per_epoch)
+
+    def _checkpoint_bytes(self):
+        """About the size of a checkpoint, before the first step (the optimizer's state is still empty):
+        the weights, SGD's momentum buffer of each, the EMA's copy."""
+        return state_nbytes(self.model.state_dict()) * (2 + (self.ema is not None))
 
     def _log_pretrained(self):
         """Say what model.pretrained loaded and exactly which keys it skipped and why (log and metrics.jsonl)."""

@@ -204,3 +204,28 @@ def test_ctrl_c_during_test_sh_is_one_line_exit_75(tmp_path):
     assert log.strip().splitlines()[-1] == ("stopped by SIGINT: the evaluation was interrupted and wrote nothing; "
                                             "run the same command again"), log
     assert "Traceback" not in log and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("case", ["latest-is-a-folder", "disk-too-small"])
+def test_preflight_refuses_before_the_first_step_in_one_line_writing_nothing(tmp_path, case):
+    """What would fail at the first save (after an epoch of work) is checked before training: exit 74."""
+    from engine.checkpoint import CheckpointError
+    from engine.trainer import Trainer
+    from tests.engine_helpers import tiny_cfg
+    work = tmp_path / "w"
+    if case == "latest-is-a-folder":
+        (work / "checkpoints" / "latest").mkdir(parents=True)
+        message = r"w/checkpoints/latest is a folder where the run writes its checkpoints/latest file"
+    else:
+        message = r"w has 0\.0 MiB free but a checkpoint needs about [0-9.]+ MiB; free some space"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    import shutil
+    usage = shutil.disk_usage
+    try:
+        if case == "disk-too-small":
+            shutil.disk_usage = lambda path: usage(path)._replace(free=1000)
+        with pytest.raises(CheckpointError, match=message):
+            Trainer(tiny_cfg(work))
+    finally:
+        shutil.disk_usage = usage
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
