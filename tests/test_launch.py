@@ -272,3 +272,14 @@ runtime: {{device: cpu, log_interval: 1, tensorboard: false, work_dir: {tmp_path
     assert r.stderr.splitlines() == [f"error: [rank 1] cannot read image {bad}: not an image format PIL can identify; "
                                      "replace or remove it, or set data.skip_bad_images=true to skip such images "
                                      "(in data worker 0)"]
+
+
+def test_one_process_ignores_torchrun_and_slurm_variables_left_in_the_shell(tmp_path):
+    """WORLD_SIZE/RANK/SLURM_NTASKS kept from another job made ./train.sh CONFIG 1 wait for peers, then crash."""
+    cfg = _tiny(tmp_path, workers=0, train_size=16)
+    env = {**launch_env(), "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "SLURM_NTASKS": "4",
+           "SLURM_PROCID": "2"}
+    r = subprocess.run([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr
+    assert "world size 1 (single process)" in r.stdout + r.stderr

@@ -208,6 +208,9 @@ def launch(argv):
     cmd = [sys.executable, "-m", module, *args]
     nnodes = _env_int("NNODES", 1, 1)
     if nproc == 1 and nnodes == 1 and not os.environ.get("MASTER_ADDR"):
+        # one process, whatever a shell or a job kept from another run (RANK, WORLD_SIZE, SLURM_NTASKS...):
+        # they would make it wait for peers that never come
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         sys.stdout.flush()
         os.execv(sys.executable, cmd)
     multi = nnodes > 1 or os.environ.get("MASTER_ADDR")
