@@ -143,7 +143,7 @@ class Launch:
     def _wait(self):
         failures, deadline, watched = [], None, time.monotonic()
         while len(self.codes) < len(self.procs):
-            if time.monotonic() - watched > 1.0:
+            if deadline is None and time.monotonic() - watched > 1.0:  # once one ended, the rules below decide
                 watched = time.monotonic()
                 if self._stalled():
                     return EXIT_PEER_LOST
