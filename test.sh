@@ -12,7 +12,8 @@
 # printed as a warning line. Prints top-1/top-5/loss (each validation image counted
 # once) and writes them to <work_dir>/test_<checkpoint>.json. Processes are started by
 # tools/launch.py (as train.sh). Exit codes: 0 ok, 1 error, 2 refused input (one line,
-# e.g. a checkpoint that fails its integrity check), 76 a process died.
+# e.g. a checkpoint that fails its integrity check), 75 stopped by Ctrl-C/SIGTERM (nothing
+# written), 76 a process or data worker died.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$ROOT/tools/find_python.sh"

@@ -18,7 +18,8 @@
 # Python: $PYTHON, else the active venv, else ./.venv, else python3/python (the first with
 # torch; tools/find_python.sh).
 # Exit codes: 0 done, 1 error, 2 refused config (nothing written), 3 nan/inf loss,
-# 74 checkpoint write failed, 75 stopped after saving, 76 a process died or never joined.
+# 74 checkpoint write failed, 75 stopped after saving, 76 a process died, never joined or stalled
+# (dist.watchdog_s). Each error is one line, whichever process raised it: docs/troubleshooting.md.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$ROOT/tools/find_python.sh"

@@ -15,6 +15,7 @@ assume equal batch counts inside it).
 """
 import atexit
 import ctypes
+import functools
 import math
 import multiprocessing
 import random
@@ -23,9 +24,10 @@ import signal
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 from engine.fields import ConfigError
+from engine.watchdog import worker_beat
 
 from .errors import DataError
 from .schema import resolve
@@ -85,15 +87,17 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 @atexit.register  # runs before multiprocessing's own exit hook, which would SIGTERM (ignored) and wait forever
 def _end_loader_workers():
-    """At exit with loader iterators still alive (an uncaught error), end their workers: they hold nothing to save."""
+    """At exit with loader iterators still alive (persistent workers, an error), end their workers: they hold
+    nothing to save. torch's SIGCHLD handler would report each as a 'DataLoader worker ... killed' traceback."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for p in multiprocessing.active_children():
         if p.daemon:
             p.kill()
 
 
-def seed_worker(worker_id):
-    """Ignore stop signals in a loader worker (the trainer stops it), and seed python's and numpy's
-    RNGs from its torch seed (base seed + worker id)."""
+def seed_worker(worker_id, split="train"):
+    """Ignore stop signals in a loader worker (the trainer stops it), seed python's and numpy's
+    RNGs from its torch seed (base seed + worker id), and tell the watchdog it started."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     try:  # die with the trainer (killed: SIGKILL, OOM) instead of printing broken-pipe tracebacks (Linux)
@@ -103,6 +107,15 @@ def seed_worker(worker_id):
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
+    worker_beat(split, worker_id, force=True)
+
+
+def collate_and_beat(split, collate, samples):
+    """``collate(samples)``, then tell the watchdog this worker made a batch (engine/watchdog.py)."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        worker_beat(split, info.id)
+    return collate(samples)
 
 
 def build_loader(dataset, data_cfg, split, batch_size, distributed=False, seed=0):
@@ -138,12 +151,14 @@ def build_loader(dataset, data_cfg, split, batch_size, distributed=False, seed=0
     if workers > 0:
         kwargs = dict(prefetch_factor=cfg["prefetch_factor"], persistent_workers=cfg["persistent_workers"])
     loading = dict(num_workers=workers, pin_memory=cfg["pin_memory"] and torch.cuda.is_available(),
-                   worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed * 1000 + rank), **kwargs)
+                   worker_init_fn=functools.partial(seed_worker, split=split),
+                   generator=torch.Generator().manual_seed(seed * 1000 + rank), **kwargs)
+    collate = default_collate
     if hasattr(dataset, "aspect_ratios"):  # detection: lists of images of their own sizes
         from .coco import GroupedBatchSampler, collate
         if train:
             groups = [int(r >= 1.0) for r in dataset.aspect_ratios()]
             return DataLoader(dataset, batch_sampler=GroupedBatchSampler(sampler, groups, batch_size),
-                              collate_fn=collate, **loading)
-        loading["collate_fn"] = collate
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, **loading)
+                              collate_fn=functools.partial(collate_and_beat, split, collate), **loading)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                      collate_fn=functools.partial(collate_and_beat, split, collate), **loading)

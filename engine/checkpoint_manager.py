@@ -49,6 +49,13 @@ def check_writable(work_dir, need_bytes=0, files=(), dirs=()):
             if wrong(path):
                 raise CheckpointError(f'{path} is a {"folder" if kind == "file" else "file"} where the run writes '
                                       f'its {name} {kind}; move it away or pick another runtime.work_dir')
+    existing = os.path.abspath(work_dir)
+    while not os.path.exists(existing):  # before creating anything: a refused run writes nothing
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise CheckpointError(f'work_dir {work_dir} has {_size(free)} free but a checkpoint needs about '
+                              f'{_size(need_bytes)}; free some space or pick another runtime.work_dir')
     try:
         os.makedirs(work_dir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix='.write_probe.', dir=work_dir)
@@ -60,11 +67,11 @@ def check_writable(work_dir, need_bytes=0, files=(), dirs=()):
             os.remove(probe)
     except OSError as exc:
         raise CheckpointError(f'work_dir {work_dir} is not writable: {_why(exc)}') from None
-    free = shutil.disk_usage(work_dir).free
-    if free < need_bytes:
-        raise CheckpointError(f'work_dir {work_dir} has {free / 2**30:.2f} GiB free but a checkpoint needs about '
-                              f'{need_bytes / 2**30:.2f} GiB; free some space or pick another runtime.work_dir')
     return free
+
+
+def _size(n):
+    return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'
 
 
 # ----------------------------------------------------------------------------- manager

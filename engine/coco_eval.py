@@ -62,22 +62,25 @@ def summarize(coco_gt, results, iou_types, image_ids):
 
 
 @torch.no_grad()
-def evaluate_coco(model, loader, device, transform, amp, iou_types=("bbox",), results_path=None):
+def evaluate_coco(model, loader, device, transform, amp, iou_types=("bbox",), results_path=None, on_batch=None):
     """COCO metrics of ``model`` over ``loader``'s dataset (a data.coco.CocoDetection), every image once.
 
-    ``results_path``: rank 0 also writes the gathered result entries there (COCO results JSON).
+    ``results_path``: rank 0 also writes the gathered result entries there (COCO results JSON);
+    ``on_batch(i)`` is called after batch i, as engine.evaluator.evaluate does (a stop can end the pass there).
     """
     dataset = loader.dataset
     was_training = model.training
     model.eval()
     seen, results = [], []
-    for images, targets in loader:
+    for index, (images, targets) in enumerate(loader):
         images = transform(images.to(device, non_blocking=True))
         with autocast_for(device, amp):
             outputs = model(images)
         for out, target in zip(outputs, targets):
             seen.append(int(target["image_id"]))
             results += to_coco_results(out, seen[-1], dataset.cat_ids)
+        if on_batch is not None:
+            on_batch(index)
     model.train(was_training)
     parts = [(seen, results)]
     if du.is_dist():

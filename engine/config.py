@@ -69,10 +69,86 @@ def _construct_mapping(loader, node, deep=False):
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def parse_yaml(text, where="<string>"):
-    """Parse YAML text with the project's safe loader."""
+# A config is a few hundred values a few levels deep: these bounds refuse alias bombs ("billion laughs"),
+# deeply nested brackets and huge numbers in milliseconds, before anything expands them.
+MAX_DEPTH = 32
+MAX_VALUES = 100_000  # after alias expansion
+MAX_INT_DIGITS = 18   # every integer key fits in int64
+
+
+def _construct_int(loader, node):
+    digits = re.sub(r"[^0-9a-fA-F]", "", str(node.value))
+    if len(digits) > MAX_INT_DIGITS:
+        raise ConfigError(f"line {node.start_mark.line + 1}: integer {str(node.value)[:12]}... has {len(digits)} "
+                          f"digits (at most {MAX_INT_DIGITS}); no key takes such a number")
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _check_flow_depth(text):
+    """Refuse deep ``[[[...``/``{a: {a: ...`` before PyYAML's scanner, whose look-ahead is quadratic in them."""
+    depth, quote, line = 0, None, 1
+    for i, ch in enumerate(text):
+        if ch == "\n":
+            line += 1
+        if quote:
+            quote = None if ch == quote and text[i - 1] != "\\" else quote
+        elif ch in "\"'" and (i == 0 or text[i - 1] in " \t\n[{,:"):
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"line {line}: nested more than {MAX_DEPTH} levels deep; "
+                                  "a config is a few levels of sections and lists")
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+
+
+def _check_depth(text):
+    _check_flow_depth(text)
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"line {event.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep; "
+                                  "a config is a few levels of sections and lists")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _expanded_size(node, memo):
+    """How many values ``node`` stands for once its aliases are expanded (aliases share node objects)."""
+    if id(node) not in memo:
+        memo[id(node)] = 0  # an alias to an enclosing node (a cycle) counts once
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else ()
+        memo[id(node)] = min(1 + sum(_expanded_size(c, memo) for c in children), MAX_VALUES + 1)
+    return memo[id(node)]
+
+
+def _load_bounded(text):
+    _check_depth(text)
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_VALUES:
+            raise ConfigError(f"its aliases (*name) expand to more than {MAX_VALUES} values; "
+                              "a config has a few hundred: write the values out or use _base_ files")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(text, where="<string>"):
+    """Parse YAML text with the project's safe loader, refusing inputs no config needs (see MAX_DEPTH...)."""
+    try:
+        return _load_bounded(text)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     except yaml.YAMLError as e:

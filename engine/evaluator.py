@@ -42,17 +42,18 @@ def autocast_for(device, amp):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, transform=None, amp="none", channels_last=False):
+def evaluate(model, loader, device, transform=None, amp="none", channels_last=False, on_batch=None):
     """``{'top1', 'top5', 'loss', 'count'}`` over the whole dataset behind ``loader``.
 
     ``model`` must be the plain module (not DDP); ``transform`` is the data's device
-    transform applied to the uint8 batch after it is moved to ``device``.
+    transform applied to the uint8 batch after it is moved to ``device``. ``on_batch(i)``
+    is called after batch ``i`` (progress for the watchdog; it may raise to stop early).
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     budget = _valid_per_rank(loader)
-    for images, target in loader:
+    for index, (images, target) in enumerate(loader):
         if budget is not None:
             if budget <= 0:
                 continue
@@ -70,6 +71,8 @@ def evaluate(model, loader, device, transform=None, amp="none", channels_last=Fa
         loss = F.cross_entropy(logits, target, reduction="sum")
         sums += torch.cat([loss.double().view(1), topk_correct(logits, target).double(),
                            sums.new_tensor([target.shape[0]])])
+        if on_batch is not None:
+            on_batch(index)
     all_reduce_sum(sums)
     model.train(was_training)
     loss, top1, top5, n = sums.tolist()

@@ -13,7 +13,8 @@ code  name                meaning
 74    EXIT_IO             a checkpoint could not be written (disk full, permissions); EX_IOERR
 75    EXIT_PREEMPTED      SIGTERM/SIGUSR1/SIGINT received: a checkpoint of the current step was saved;
                           run the same command again to resume (EX_TEMPFAIL: "try again")
-76    EXIT_PEER_LOST      another process of the run died (killed, out of memory) or never joined;
+76    EXIT_PEER_LOST      another process or data worker of the run died (killed, out of memory),
+                          never joined, or made no progress for ``dist.watchdog_s`` (stopped, hung);
                           nothing was saved after the last checkpoint: run the same command to resume
 ====  ==================  ====================================================================
 
@@ -101,7 +102,7 @@ class PreemptionGuard:
             os.kill(os.getpid(), signum)
             return
         self.signum, self._first = signum, now
-        log.info('received %s: stopping at the end of this step (Ctrl-C again stops at once)',
+        log.info('received %s: saving at the end of this step or validation batch (Ctrl-C again stops at once)',
                     signal.Signals(signum).name)
 
     def install(self):

@@ -28,7 +28,7 @@ import urllib.request
 
 import yaml
 
-from engine.checkpoint import CheckpointError, atomic_write
+from engine.checkpoint import CheckpointError, atomic_write, describe_file
 from engine.checkpoint_manager import run_checkpoint
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,10 @@ def download(url, cache=None, expected=None, progress=False):
     if os.path.isfile(dst):
         try:
             verify(dst, expected, dst)
-            return dst
+            problem = _unusable(dst)
+            if problem is None:
+                return dst
+            log.warning('%s; moved it to %s and downloading it again', problem, _move_aside(dst))
         except HubError as exc:
             log.warning('%s; downloading it again', exc)
     if expected is None:
@@ -170,7 +173,26 @@ def download(url, cache=None, expected=None, progress=False):
         except OSError:
             pass
         raise
+    problem = _unusable(dst)
+    if problem is not None:
+        raise HubError(f'{url} sent an unusable file ({problem}; moved to {_move_aside(dst)}); check the URL or the '
+                       'server, then run again: it is downloaded again')
     return dst
+
+
+def _unusable(path):
+    """Why a downloaded file cannot be a checkpoint (an HTML error page, cut off, empty), or None.
+
+    A file without a known sha256 is only checked by this: without it a bad download would stay cached."""
+    problem = describe_file(path)
+    return None if problem is None or problem.startswith('refusing') else problem
+
+
+def _move_aside(path):
+    """Keep a bad download for inspection, out of the cache's way (``<name>.bad``); returns its new path."""
+    aside = f'{path}.bad'
+    os.replace(path, aside)
+    return aside
 
 
 # ----------------------------------------------------------------------------- resolve

@@ -144,6 +144,9 @@ DIST_SCHEMA = {
     "backend": Field("auto", "process group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo",
                      choices=("auto", "nccl", "gloo")),
     "timeout_min": Field(30, "collective timeout in minutes", check=_at_least(1)),
+    "watchdog_s": Field(300, "end the run (exit 76, naming it) when a rank or data worker makes no progress for this "
+                        "many seconds; below timeout_min; the first step is not watched (0: off)",
+                        check=_at_least(0)),
     "rdzv_timeout_s": Field(300, "seconds to wait for every process (all nodes) to join before exiting 76",
                             check=_at_least(1)),
     "find_unused_parameters": Field(False, "DDP find_unused_parameters (only for models that need it)"),
@@ -169,6 +172,10 @@ def cross_check(tree):
     if train["warmup_epochs"] > train["epochs"]:
         raise ConfigError(f"train.warmup_epochs={train['warmup_epochs']} exceeds train.epochs="
                           f"{train['epochs']}; shorten the warmup")
+    dist = tree["dist"]
+    if dist["watchdog_s"] >= dist["timeout_min"] * 60:
+        raise ConfigError(f"dist.watchdog_s={dist['watchdog_s']} is not below dist.timeout_min={dist['timeout_min']} "
+                          "minutes: a stall would end in a collective timeout's traceback; lower dist.watchdog_s")
     if train["batch_size"] % train["accum_steps"]:
         raise ConfigError(f"train.batch_size={train['batch_size']} is not divisible by "
                           f"train.accum_steps={train['accum_steps']}; change one of them")

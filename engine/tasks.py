@@ -47,9 +47,9 @@ class ClassificationTask:
     def meter(self, device):
         return SumMeter(device)
 
-    def evaluate(self, model, loader, device, transform, amp, results_path=None):
+    def evaluate(self, model, loader, device, transform, amp, results_path=None, on_batch=None):
         from engine.evaluator import evaluate
-        return evaluate(model, loader, device, transform, amp)
+        return evaluate(model, loader, device, transform, amp, on_batch=on_batch)
 
     @staticmethod
     def train_line(m):
@@ -122,9 +122,9 @@ class DetectionTask:
     def meter(self, device):
         return LossDictMeter(device, self.losses)
 
-    def evaluate(self, model, loader, device, transform, amp, results_path=None):
+    def evaluate(self, model, loader, device, transform, amp, results_path=None, on_batch=None):
         from engine.coco_eval import evaluate_coco
-        return evaluate_coco(model, loader, device, transform, amp, self.iou_types, results_path)
+        return evaluate_coco(model, loader, device, transform, amp, self.iou_types, results_path, on_batch)
 
     def train_line(self, m):
         parts = " ".join(f"{k[5:]} {m[k]:.3f}" for k in self.losses)

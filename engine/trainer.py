@@ -14,6 +14,9 @@ the config. The train sampler skips the batches already done in the epoch.
 import contextlib
 import importlib.util
 import os
+import shutil
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -21,13 +24,13 @@ import torch
 import torch.nn as nn
 
 from engine import distributed as du
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, state_nbytes
 from engine.checkpoint_manager import CheckpointManager, check_writable
 from engine.config import Config, dump
 from engine.ema import ModelEMA
 from engine.evaluator import autocast_for
 from engine.fields import ConfigError
-from engine.guard import NonFiniteError, NonFiniteGuard
+from engine.guard import EXIT_PEER_LOST, NonFiniteError, NonFiniteGuard
 from engine.lock import WorkDirBusy, WorkDirLock
 from engine.logger import RunLogger, setup_console
 from engine.meters import Throughput, format_eta
@@ -39,6 +42,11 @@ from engine.state import capture_rng_state, restore_rng_state, resume, seed_ever
 from engine.summary import run_summary
 from engine.syncbn import convert_sync_batchnorm
 from engine.threads import set_threads
+from engine.watchdog import RUN_DIR_ENV, Heartbeat
+
+
+class _ValidationStopped(Exception):
+    """A stop signal arrived during validation (raised on every rank at the same batch)."""
 
 
 class Trainer:
@@ -107,6 +115,7 @@ class Trainer:
             self.net = torch.compile(self.net, backend=tr.compile_backend)
             self.log.info("torch.compile, backend %s (the first steps include compilation)", tr.compile_backend)
         self.epoch = self.step = self.iter_in_epoch = 0
+        self.watch = Heartbeat("", self.dist.rank, 0)  # train() starts a real one (engine/watchdog.py)
         self._timed = (0.0, 0)  # training seconds and steps of this run, for the ETA
         self.best_metric = None
         self.rng_epoch_start = None
@@ -127,7 +136,9 @@ class Trainer:
         err = None
         if self.dist.is_main:
             try:
-                check_writable(self.work_dir, files=("config.yaml", "log.txt", "metrics.jsonl"),
+                check_writable(self.work_dir, need_bytes=self._checkpoint_bytes() * 2,  # new file before old goes
+                               files=("config.yaml", "log.txt", "metrics.jsonl", "checkpoints/latest",
+                                      "checkpoints/best.pth", "checkpoints/best.json"),
                                dirs=("checkpoints",) + (("tb",) if rt.tensorboard else ()))
                 self.lock.acquire()
                 if self.ckpt.read_pointer() != resumed:
@@ -149,6 +160,11 @@ class Trainer:
             self.log.info("%s", line)
         self._log_pretrained()
 
+    def _checkpoint_bytes(self):
+        """About the size of a checkpoint, before the first step (the optimizer's state is still empty):
+        the weights, SGD's momentum buffer of each, the EMA's copy."""
+        return state_nbytes(self.model.state_dict()) * (2 + (self.ema is not None))
+
     def _log_pretrained(self):
         """Say what model.pretrained loaded and exactly which keys it skipped and why (log and metrics.jsonl)."""
         if self.pretrained is None:
@@ -163,6 +179,7 @@ class Trainer:
 
     def save(self, tag, metric=None):
         """Save the full state (all ranks call this; rank 0 writes)."""
+        self.watch.beat(phase="save")
         state = self.state_dict()
         err, path = None, None
         if self.dist.is_main:
@@ -171,6 +188,7 @@ class Trainer:
             except CheckpointError as e:
                 err = str(e)
         err, path = self.stop.broadcast((err, path))
+        self.watch.beat(phase="data")
         if err is not None:
             raise CheckpointError(err)
         self.log.info("saved checkpoint %s", path)
@@ -183,6 +201,7 @@ class Trainer:
         status, metrics = "done", None
         if rt.handle_signals:
             self.stop.guard.install()
+        own_dir = self._start_watchdog()
         try:
             while self.epoch < tr.epochs:
                 status = self._train_epoch(self.epoch)
@@ -196,6 +215,11 @@ class Trainer:
                 if (self.cfg.eval.interval and self.epoch % self.cfg.eval.interval == 0) or \
                         (last and self.cfg.eval.final):
                     metrics = self.validate()
+                    if metrics is None:  # a stop signal: save the trained epoch, validate it on resume
+                        self.epoch, self.iter_in_epoch = self.epoch - 1, self.iters_per_epoch
+                        self.save(f"step_{self.step}")
+                        status = "preempted"
+                        break
                 saved = self.epoch % rt.ckpt_interval == 0 or last
                 if saved:
                     metric = metrics.get(self.cfg.eval.best_metric) if metrics else None
@@ -208,12 +232,34 @@ class Trainer:
                     status = "preempted"
                     break
         finally:
+            self.watch.stop()
+            if own_dir:
+                shutil.rmtree(own_dir, ignore_errors=True)
             self.stop.close()
             self.runlog.close()
             self.lock.release()
         self._summary(status, metrics)
         return {"status": status, "metrics": metrics, "best_metric": self.best_metric,
                 "epoch": self.epoch, "step": self.step, "checkpoint": self.ckpt.last_saved}
+
+    def _start_watchdog(self):
+        """Start the heartbeat (engine/watchdog.py); alone (no tools/launch.py), this process also observes it.
+
+        Returns the run directory it created (to remove at the end), or None."""
+        run_dir, own = os.environ.get(RUN_DIR_ENV), None
+        if not run_dir:
+            run_dir = own = os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="blocklab-run-")
+        self.watch = Heartbeat(run_dir, self.dist.rank, self.cfg.dist.watchdog_s, observe=own is not None,
+                               on_stall=self._stalled)
+        self.watch.step = self.step
+        self.watch.start()
+        return own
+
+    def _stalled(self, message):
+        """Called by the watchdog thread of a process that runs without tools/launch.py: nothing can be saved."""
+        if self.dist.is_main:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_LOST)
 
     def _start_epoch(self, epoch):
         sampler = unwrap_sampler(self.train_loader)
@@ -238,6 +284,7 @@ class Trainer:
         if self.iter_in_epoch >= self.iters_per_epoch:
             return "done"
         for images, target in it:
+            self.watch.beat(phase="step")
             timer.data_ready()
             images = images.to(self.device, non_blocking=True)
             target = target.to(self.device, non_blocking=True)
@@ -261,6 +308,7 @@ class Trainer:
             self.optimizer_step()
             self.step += 1
             self.iter_in_epoch += 1
+            self.watch.beat(self.step, "data")
             timer.step_done(images_per_step)
             done = self.iter_in_epoch >= self.iters_per_epoch
             limit = self.cfg.runtime.max_steps and self.step >= self.cfg.runtime.max_steps
@@ -312,16 +360,33 @@ class Trainer:
                       f"data {t['data_time']:.3f}s step {t['step_time']:.3f}s {t['img_s']:.0f} img/s | eta {eta}")
         self.runlog.log("train", self.step, {**m, **lrs, **t}, epoch=epoch + 1)
 
+    def _val_batch_done(self, index):
+        """After each validation batch: tell the watchdog; stop (all ranks at the same batch) on a signal."""
+        self.watch.beat(phase="val")
+        if index < self._val_polls and self.stop.poll():
+            raise _ValidationStopped
+
     def validate(self):
+        """The validation metrics (also logged and recorded), or None when a stop signal interrupted it."""
         start = time.perf_counter()
+        self.watch.beat(phase="val")
         du.broadcast_buffers(self.model)
         if self.ema is not None:
             du.broadcast_buffers(self.ema.module)
-        ev = dict(device=self.device, transform=self.val_tf, amp=self.amp)
-        metrics = self.task.evaluate(self.model, self.val_loader, **ev)
-        if self.ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader, **ev)
-                            .items() if k not in ("count", "table")})
+        shard = len(self.val_set) // self.dist.world_size  # every rank has at least this many images
+        self._val_polls = -(-shard // self.val_loader.batch_size)
+        ev = dict(device=self.device, transform=self.val_tf, amp=self.amp, on_batch=self._val_batch_done)
+        try:
+            metrics = self.task.evaluate(self.model, self.val_loader, **ev)
+            if self.ema is not None:
+                metrics.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader, **ev)
+                                .items() if k not in ("count", "table")})
+        except _ValidationStopped:
+            self.log.warning("validation of epoch %d interrupted by %s: it runs again when the run resumes",
+                             self.epoch, self.stop.signame or "a stop request")
+            return None
+        finally:
+            self.watch.beat(phase="data")
         metrics["time_s"] = time.perf_counter() - start
         bad = [k for k in ("loss", "ema_loss") if k in metrics and not np.isfinite(metrics[k])]
         if bad:  # e.g. diverged running statistics: such weights must not become a checkpoint or best.pth

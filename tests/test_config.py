@@ -302,3 +302,27 @@ def test_ce_pooling_on_1x1_maps_is_refused_at_load(tmp_path):
     refused = dict(ok.model, plugins=[{"type": "ce", "pooling": True, "stages": [4]}])
     with pytest.raises(RuntimeError):  # what the refusal saves the user from
         build_model(refused).train()(torch.randn(2, 3, 32, 32))
+
+
+def _alias_bomb(levels=9):
+    lines = ['a0: &a0 [x, x, x, x, x, x, x, x, x, x]']
+    for i in range(1, levels):
+        lines.append(f'a{i}: &a{i} [' + ', '.join([f'*a{i - 1}'] * 10) + ']')
+    return '\n'.join(lines) + f'\nmodel: *a{levels - 1}\n'
+
+
+@pytest.mark.parametrize("text, message", [
+    (_alias_bomb(), r"aliases \(\*name\) expand to more than 100000 values"),
+    ("model: " + "[" * 5000 + "]" * 5000, r"line 1: nested more than 32 levels deep"),
+    ("model: " + "{a: " * 5000 + "}" * 5000, r"line 1: nested more than 32 levels deep"),
+    ("train: {epochs: " + "9" * 5000 + "}", r"integer 999999999999\.\.\. has 5000 digits"),
+    ("train: {epochs: " + "9" * 30 + "}", r"has 30 digits \(at most 18\)"),
+])
+def test_hostile_yaml_is_refused_in_one_line_quickly(tmp_path, text, message):
+    import time
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    assert time.perf_counter() - start < 1.0

@@ -240,3 +240,34 @@ def test_unwritable_cache_names_blocklab_cache(tmp_path, monkeypatch):
                                        r'writable folder') as info:
         resolve_checkpoint(path.as_uri(), cache_dir=str(cache))
     assert 'work_dir' not in str(info.value)
+
+
+def test_a_bad_cached_download_is_moved_aside_and_fetched_again(tmp_path):
+    """An HTML error page or a cut-off file at a URL without a known hash does not stay in the cache."""
+    import functools
+    import http.server
+    import threading
+    served = tmp_path / 'www'
+    served.mkdir()
+    (served / 'net.pth').write_text('<html><body>503 Service Unavailable</body></html>')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, cache = f'http://127.0.0.1:{server.server_port}/net.pth', str(tmp_path / 'cache')
+    try:
+        with pytest.raises(HubError, match=r'sent an unusable file \(checkpoint .*net\.pth is an HTML/XML page, not a '
+                                           r'PyTorch checkpoint; moved to .*net\.pth\.bad\)'):
+            resolve_checkpoint(url, cache_dir=cache)
+        local = hub.cache_path(url, cache)
+        assert not os.path.exists(local) and os.path.exists(local + '.bad')
+        good = tmp_path / 'good.pth'
+        torch.save({'w': torch.ones(4)}, good)
+        (served / 'net.pth').write_bytes(good.read_bytes()[:300])  # cut off: cached by an older version, say
+        os.replace(served / 'net.pth', local)
+        (served / 'net.pth').write_bytes(good.read_bytes())  # the server is fixed
+        assert resolve_checkpoint(url, cache_dir=cache) == local
+        assert torch.equal(load_checkpoint(local)['w'], torch.ones(4))
+    finally:
+        server.shutdown()
+        server.server_close()

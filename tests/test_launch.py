@@ -230,3 +230,56 @@ def test_torchrun_still_runs_the_trainer(tmp_path):
     assert "world size 2 (gloo)" in out and "val epoch 1" in out, out
     state = torch.load(tmp_path / "run" / "checkpoints" / "epoch_001.pth", weights_only=True)
     assert state["step"] == 4  # 32 images, a global batch of 8
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_each_ranks_one_line_error_is_printed_once_with_its_code(capsys, same):
+    """A rank's own error reaches the console (not 'rank 1 failed first'); the same line from every rank, once."""
+    from tools.launch import Launch
+    script = ("import os, sys, time\n"
+              "from engine.relay import report_error\n"
+              f"if {same} or os.environ['RANK'] == '1':\n"
+              "    report_error('error: image c1/9.png is truncated; replace it'); sys.exit(2)\n"
+              "time.sleep(1); sys.exit(76)  # rank 0 lost contact with rank 1 (its own line is not news)")
+    run = Launch([sys.executable, "-c", script], nproc=2, grace=5)
+    run.start()
+    assert run.wait() == 2
+    err = capsys.readouterr().err.splitlines()
+    said = "" if same else "[rank 1] "
+    assert err == [f"error: {said}image c1/9.png is truncated; replace it"]
+
+
+def test_a_data_error_in_a_worker_of_rank_1_is_one_line_naming_it(tmp_path):
+    """./train.sh, 2 processes, data workers: rank 1's worker meets a corrupt image; its reason is the one line."""
+    from PIL import Image
+
+    from data.loader import TrainSampler
+    for i in range(32):
+        (tmp_path / "img" / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (i * 7, 0, 0)).save(tmp_path / "img" / "train" / f"c{i % 2}" / f"{i:02d}.png")
+    files = sorted(tmp_path.glob("img/train/c*/*.png"))
+    bad = files[next(iter(TrainSampler(32, 1, 2, 0)))[0]]  # rank 1's first image
+    bad.write_bytes(bad.read_bytes()[:37])
+    (tmp_path / "cfg.yaml").write_text(f"""model: {{backbone: cifar_resnet20, num_classes: 2}}
+data: {{dataset: imagenet_folder, root: {tmp_path / 'img'}, val_dir: train, input_size: 16, workers: 2,
+       verify_images: 0}}
+train: {{epochs: 1, batch_size: 8, lr: 0.05}}
+runtime: {{device: cpu, log_interval: 1, tensorboard: false, work_dir: {tmp_path / 'w'}}}
+""")
+    r = subprocess.run([os.path.join(ROOT, "train.sh"), str(tmp_path / "cfg.yaml"), "2"], cwd=tmp_path,
+                       env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [f"error: [rank 1] cannot read image {bad}: not an image format PIL can identify; "
+                                     "replace or remove it, or set data.skip_bad_images=true to skip such images "
+                                     "(in data worker 0)"]
+
+
+def test_one_process_ignores_torchrun_and_slurm_variables_left_in_the_shell(tmp_path):
+    """WORLD_SIZE/RANK/SLURM_NTASKS kept from another job made ./train.sh CONFIG 1 wait for peers, then crash."""
+    cfg = _tiny(tmp_path, workers=0, train_size=16)
+    env = {**launch_env(), "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "SLURM_NTASKS": "4",
+           "SLURM_PROCID": "2"}
+    r = subprocess.run([os.path.join(ROOT, "train.sh"), str(cfg), "1"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr
+    assert "world size 1 (single process)" in r.stdout + r.stderr

@@ -78,7 +78,7 @@ def test_restart_after_epoch_1_matches_uninterrupted(tmp_path):
 
     def stop_after_epoch_1(t):
         orig = t.validate
-        t.validate = lambda: (t.stop.request(), orig())[1]
+        t.validate = lambda: (orig(), t.stop.request())[0]  # a request during validation would interrupt it
     first, res1, _ = run(tiny_cfg(tmp_path / "b", *over), stop_after_epoch_1)
     assert res1["status"] == "preempted" and first.epoch == 1 and first.step == 4
     again, res2, _ = run(tiny_cfg(tmp_path / "b", *over))
@@ -223,7 +223,7 @@ def test_resume_with_another_batch_size_keeps_the_schedule_in_epochs(tmp_path):
 
     def stop_after_epoch_1(t):
         orig = t.validate
-        t.validate = lambda: (t.stop.request(), orig())[1]
+        t.validate = lambda: (orig(), t.stop.request())[0]  # a request during validation would interrupt it
     first, res1, _ = run(tiny_cfg(tmp_path / "w", *over), stop_after_epoch_1)
     assert res1["status"] == "preempted" and first.step == 4
     cfg = tiny_cfg(tmp_path / "w", *over, batch=4)

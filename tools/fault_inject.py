@@ -26,9 +26,11 @@ final weights are bit-identical; exits 0 only when all of that holds.
 processes through tools/launch.py, gloo) with ``data.workers=2``, stopped in turn
 by SIGTERM to the script, SIGTERM to every process group of the job (as SLURM
 does), SIGINT to the script's process group (as a terminal's Ctrl-C does) and
-SIGKILL of rank 1; each start is resumed by the same command. For each strike
-it reports the exit code (75, 75, 75, 76), the checkpoint left (the stop step's,
-or the previous one intact after a kill), and at the end whether the final
+SIGKILL of rank 1, SIGSTOP of rank 1 and SIGSTOP of one of its data workers
+(hung processes: the watchdog must end the run); each start is resumed by the
+same command. For each strike it reports the exit code (75, 75, 75, 76, 76, 76),
+the checkpoint left (the stop step's, or the previous one intact after a kill
+or a stall), and at the end whether the final
 state is bit-identical to an uninterrupted ``./train.sh`` run (run alongside).
 Two damage strikes stop the run with SIGTERM, then damage the checkpoint it
 saved on disk (mtime kept, as bit rot does): ``bit-flip`` flips one bit inside a
@@ -74,6 +76,7 @@ train: {{epochs: {epochs}, batch_size: 8, lr: 0.05, schedule: cosine, warmup_epo
 eval: {{batch_size: 16}}
 runtime: {{device: cpu, deterministic: true, seed: 3, log_interval: 1, tensorboard: false,
           ckpt_interval_steps: 2, keep_last: 2}}
+dist: {{watchdog_s: 10}}   # the stop-rank/stop-worker strikes: a stall ends the run in seconds
 """
 
 
@@ -229,6 +232,8 @@ STRIKES = {  # name: (what it does, the exit code it must give)
     'kill-rank': ('SIGKILL of rank 1', 76),
     'bit-flip': ('SIGTERM, then one bit flipped inside a tensor of the newest checkpoint', 75),
     'truncate': ('SIGTERM, then the newest checkpoint truncated in place to half its size', 75),
+    'stop-rank': ('SIGSTOP of rank 1 (a hung rank; dist.watchdog_s=10)', 76),
+    'stop-worker': ('SIGSTOP of a data worker of rank 1 (a hung worker; dist.watchdog_s=10)', 76),
 }
 DAMAGES = ('bit-flip', 'truncate')  # strikes that damage the checkpoint the stop saved (see damage_checkpoint)
 
@@ -279,6 +284,11 @@ def strike(kind, pid):
         os.killpg(pid, signal.SIGINT)  # started in its own session: its group is the terminal's foreground group
     elif kind == 'kill-rank':
         os.kill(rank_pid(pid, 1), signal.SIGKILL)
+    elif kind == 'stop-rank':  # the watchdog (engine/watchdog.py) must end the run in seconds, naming it
+        os.kill(rank_pid(pid, 1), signal.SIGSTOP)
+    elif kind == 'stop-worker':
+        rank1 = rank_pid(pid, 1)
+        os.kill(next(p for p in process_tree(rank1) if _parent(p) == rank1), signal.SIGSTOP)
 
 
 def _exists(pid):

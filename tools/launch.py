@@ -16,8 +16,12 @@ This launcher imports nothing heavy and:
   as they are: they save at the current step and exit 75);
 * when a process dies of a signal (killed, out of memory) while the others run,
   gives the others ``--grace`` seconds to notice, kills what is left and exits
-  with 76 in one line; when processes exit with a code, exits with rank 0's
-  (each refusal is printed once, by rank 0).
+  with 76 in one line; when processes exit with a code, prints each distinct
+  error line the ranks left (engine/relay.py) once and exits with the code of
+  the rank that failed first;
+* watches the processes' progress (engine/watchdog.py): when a rank or a data
+  worker makes no progress for ``dist.watchdog_s``, kills the run and exits
+  with 76 in one line naming the stalled process and the last step.
 
 NPROC empty means one per visible GPU (``CUDA_VISIBLE_DEVICES``, else
 ``nvidia-smi -L``; 1 without GPUs). ``NNODES``/``NODE_RANK``/``MASTER_ADDR``/
@@ -25,11 +29,16 @@ NPROC empty means one per visible GPU (``CUDA_VISIBLE_DEVICES``, else
 """
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+
+from engine.relay import read_errors
+from engine.watchdog import RUN_DIR_ENV, find_stall
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 EXIT_USAGE, EXIT_PREEMPTED, EXIT_PEER_LOST = 2, 75, 76  # engine/guard.py (not imported: it imports torch)
@@ -90,6 +99,7 @@ class Launch:
         self.world, self.base = nnodes * nproc, node_rank * nproc
         self.addr, self.port = addr, port or free_port()
         self.procs, self.codes, self.stop_signal, self.previous = [], {}, None, {}
+        self.run_dir = tempfile.mkdtemp(prefix="blocklab-run-")
 
     def start(self):
         self.previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
@@ -98,7 +108,8 @@ class Launch:
                 break
             env = {**os.environ, "RANK": str(self.base + local), "LOCAL_RANK": str(local),
                    "WORLD_SIZE": str(self.world), "LOCAL_WORLD_SIZE": str(self.nproc),
-                   "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "BLOCKLAB_LAUNCHER": "1"}
+                   "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "BLOCKLAB_LAUNCHER": "1",
+                   RUN_DIR_ENV: self.run_dir}
             self.procs.append(subprocess.Popen(self.cmd, env=env, preexec_fn=_child_setup))
 
     def _forward(self, signum, frame):
@@ -109,8 +120,32 @@ class Launch:
 
     def wait(self):
         """Exit code of the run, after every process ended; prints one line when the launcher decided it."""
-        failures, deadline = [], None
+        try:
+            return self._wait()
+        finally:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _stalled(self):
+        """Kill every process of a stalled run (SIGKILL also ends stopped ones) after saying which one stalled."""
+        message = find_stall(self.run_dir)
+        if message is None:
+            return False
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        for p in self.procs:
+            _end_group(p.pid)
+        for p in self.procs:
+            p.wait()
+        return True
+
+    def _wait(self):
+        failures, deadline, watched = [], None, time.monotonic()
         while len(self.codes) < len(self.procs):
+            if deadline is None and time.monotonic() - watched > 1.0:  # once one ended, the rules below decide
+                watched = time.monotonic()
+                if self._stalled():
+                    return EXIT_PEER_LOST
             for rank, p in enumerate(self.procs):
                 if rank in self.codes or p.poll() is None:
                     continue
@@ -125,8 +160,6 @@ class Launch:
                     if p.poll() is None:
                         p.kill()
             time.sleep(0.05)
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
         stopped = [r for r, c in self.codes.items() if self.stop_signal and c == -self.stop_signal]
         if stopped or not self.codes:  # the forwarded signal killed a process (during setup, or Ctrl-C twice)
             print(f"stopped by {signal.Signals(self.stop_signal).name} before a checkpoint could be saved; the last "
@@ -134,6 +167,10 @@ class Launch:
             return EXIT_PREEMPTED
         if not failures:
             return self.codes[0]
+        errors = read_errors(self.run_dir, [self.base + r for r in self.codes])  # in the order they exited
+        for ranks, line in errors:  # each rank's own one line, once
+            said = "" if len(ranks) == self.world else f"[rank {', '.join(map(str, ranks))}] "
+            print(line.replace("error: ", f"error: {said}", 1), file=sys.stderr, flush=True)
         rank = failures[0]
         code, pid, who = self.codes[rank], self.procs[rank].pid, self.base + rank
         if code < 0:
@@ -142,6 +179,8 @@ class Launch:
                   f"{' (out of memory?)' if name == 'SIGKILL' else ''}; the run stopped without saving: run the "
                   "same command to resume from the last checkpoint", file=sys.stderr, flush=True)
             return EXIT_PEER_LOST
+        if errors:
+            return self.codes[errors[0][0][0] - self.base]
         if who != 0 and any(c != code for c in self.codes.values()):
             print(f"error: the process of rank {who} failed first (exit {code}; its output is above); the others "
                   "stopped", file=sys.stderr, flush=True)
@@ -168,6 +207,9 @@ def launch(argv):
     cmd = [sys.executable, "-m", module, *args]
     nnodes = _env_int("NNODES", 1, 1)
     if nproc == 1 and nnodes == 1 and not os.environ.get("MASTER_ADDR"):
+        # one process, whatever a shell or a job kept from another run (RANK, WORLD_SIZE, SLURM_NTASKS...):
+        # they would make it wait for peers that never come
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         sys.stdout.flush()
         os.execv(sys.executable, cmd)
     multi = nnodes > 1 or os.environ.get("MASTER_ADDR")

@@ -15,12 +15,14 @@ table; the detections go to ``detections_<checkpoint name>.json`` beside the
 metrics) are counted once per validation image across processes, printed,
 and written as JSON next to the run: ``<work_dir>/test_<checkpoint name>.json``
 (the work dir holding ``checkpoints/`` for our checkpoints, else runtime.work_dir
-or the config's default work dir). Exit codes: 0 done, 1 unexpected error,
-2 refused input (one line), 76 a process died.
+or the config's default work dir). Exit codes as tools/train.py: 0 done, 1 a bug
+(traceback), 2 refused input (one line), 75 stopped by SIGTERM/SIGINT/SIGUSR1 (nothing
+written: run it again), 76 a process or data worker of the evaluation died.
 """
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -154,7 +156,8 @@ def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None, r
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     amp = cfg.train.amp if info.device.type == "cuda" else "none"
-    metrics = task.evaluate(model, loader, info.device, transform, amp, results_path)
+    _stop.evaluating = True  # from here a stop signal is noticed between batches (not inside a worker's fork)
+    metrics = task.evaluate(model, loader, info.device, transform, amp, results_path, on_batch=_stop.check)
     return metrics, path, len(dataset), report, full, task
 
 
@@ -181,14 +184,51 @@ def _report_differences(args, state, cfg):
     return lines
 
 
+class _Stop:
+    """A stop signal: raised at once during setup (as tools/train.py), after the current batch while evaluating."""
+    evaluating, signum = False, None
+
+    def handle(self, signum, frame):
+        from tools.train import stop_now
+        if not self.evaluating:
+            stop_now(signum, frame)
+        self.signum = self.signum or signum
+
+    def check(self, batch):
+        from tools.train import StoppedBeforeStart
+        if self.signum is not None:
+            raise StoppedBeforeStart(signal.Signals(self.signum).name)
+
+
+_stop = _Stop()
+
+
 def run(argv=None):
+    from tools.train import SETUP_STOP_SIGNALS, StoppedBeforeStart
+    previous = {s: signal.signal(s, _stop.handle) for s in SETUP_STOP_SIGNALS}
+    try:
+        code = _run(argv)
+    except StoppedBeforeStart as e:  # stop signals stay ignored: the process ends now
+        if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":  # every rank got it
+            print(f"stopped by {e.args[0]}: the evaluation was interrupted and wrote nothing; run the same command "
+                  "again", file=sys.stderr, flush=True)
+        return 75  # engine.guard.EXIT_PREEMPTED
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+    return code
+
+
+def _run(argv):
+    from data.errors import worker_lost
     from engine import distributed as du
     from engine.checkpoint import CheckpointError, atomic_write
     from engine.config import load_config
     from engine.fields import ConfigError
-    from engine.guard import EXIT_OK, EXIT_USAGE
+    from engine.guard import EXIT_OK, EXIT_PEER_LOST, EXIT_USAGE
+    from engine.relay import report_error
     from models.weights import WeightsMismatchError
     args = parse_args(argv)
+    code, err = EXIT_OK, None
     try:
         if args.config is None:
             cfg, path, state = config_from_checkpoint(args.checkpoint, args.overrides)
@@ -203,10 +243,19 @@ def run(argv=None):
         metrics, path, size, report, state, task = evaluate_checkpoint(cfg, args.checkpoint, args.ema, path, state,
                                                                        _weights_fix(args), detections)
     except (ConfigError, CheckpointError, WeightsMismatchError) as e:
-        if du.launch_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
+        code, err = EXIT_USAGE, f"error: {e}"
+    except RuntimeError as e:  # a dead process or data worker: one line, else a bug (traceback)
+        lost = du.as_peer_lost(e) or worker_lost(e)
+        if lost is None:
+            raise
+        code, err = EXIT_PEER_LOST, f"error: {lost}"
+        if os.environ.get("BLOCKLAB_LAUNCHER") and "lost contact" in err:  # the launcher names the process
+            err = None
+    if code != EXIT_OK:
         du.destroy()
-        return EXIT_USAGE
+        if err:
+            report_error(err)
+        return code
     if du.get_rank() == 0:
         differences = _report_differences(args, state, cfg)
         for line in differences:

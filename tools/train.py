@@ -56,7 +56,7 @@ class StoppedBeforeStart(BaseException):
 SETUP_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def _stop_during_setup(signum, frame):
+def stop_now(signum, frame):
     # the same stop arrives more than once (SLURM signals every process and the launcher forwards it):
     # the first one stops the run, the others are ignored until the process has exited
     for s in SETUP_STOP_SIGNALS:
@@ -66,7 +66,7 @@ def _stop_during_setup(signum, frame):
 
 def run(argv=None):
     # until the trainer's guard takes over, a stop signal ends the run in one line
-    previous = {s: signal.signal(s, _stop_during_setup) for s in SETUP_STOP_SIGNALS}
+    previous = {s: signal.signal(s, stop_now) for s in SETUP_STOP_SIGNALS}
     stopped = False
     try:
         return _run(argv)
@@ -88,6 +88,8 @@ def _run(argv):
     from engine.fields import ConfigError
     from engine.guard import (EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE,
                               NonFiniteError)
+    from engine.relay import report_error
+    from data.errors import worker_lost
     args = parse_args(argv)
     code, err = EXIT_OK, None
     try:
@@ -107,17 +109,16 @@ def _run(argv):
     except NonFiniteError as e:
         code, err = EXIT_NONFINITE, f"error: {e}"
     except RuntimeError as e:  # a dead process of the run: one line (the launcher names the process), else a bug
-        lost = du.as_peer_lost(e)
+        lost = du.as_peer_lost(e) or worker_lost(e)
         if lost is None:
             raise
         code, err = EXIT_PEER_LOST, f"error: {lost}"
         if os.environ.get("BLOCKLAB_LAUNCHER") and "lost contact" in err:
             err = None
     finally:
-        rank0 = du.launch_rank() == 0
         du.destroy()
-    if err and rank0:  # every rank refuses alike: say it once
-        print(err, file=sys.stderr)
+    if err:
+        report_error(err)  # once on the console, whichever rank (engine/relay.py)
     return code
 
 
