@@ -85,7 +85,8 @@ def _no_torch_on(path):
 @pytest.mark.skipif(not _no_torch_on("/usr/bin:/bin"), reason="the system Python has torch")
 @pytest.mark.parametrize("script", ["train.sh", "test.sh"])
 def test_no_python_with_torch_is_one_line_with_the_install_command(tmp_path, script):
-    r = subprocess.run([os.path.join(ROOT, script), "configs/default.yaml", "x.pth"],
+    root = _clone(tmp_path)  # no .venv (the README's install makes one in the real repository)
+    r = subprocess.run([str(root / script), "configs/default.yaml", "x.pth"],
                        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, capture_output=True, text=True,
                        timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
