@@ -62,14 +62,21 @@ def test_watchdog_must_be_below_the_collective_timeout():
         tiny_cfg("/nonexistent", "dist.watchdog_s=1800")
 
 
+def _runs_dir(tmp_path):
+    """tmp_path/runs, the TMPDIR of the run (the launcher's run directory lands there, where the test can see it),
+    linked to a short path: the ranks' data workers put AF_UNIX sockets (at most 108 bytes) under TMPDIR."""
+    runs = tmp_path / "runs"
+    if not runs.exists():
+        runs.symlink_to(tempfile.mkdtemp(prefix="bl-runs-"))
+    return runs
+
+
 def _start(tmp_path, config, *overrides):
     """``./train.sh CONFIG 2`` in the background, its log in a file and the launcher's run directory under tmp_path."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(config)
-    runs = tmp_path / "runs"  # a short path: the ranks' data workers put AF_UNIX sockets (108 bytes at most) here
-    if not runs.exists():
-        runs.symlink_to(tempfile.mkdtemp(prefix="bl-runs-"))
-    env = {**launch_env(), "TMPDIR": os.path.realpath(runs)}  # the launcher's run directory lands where the test can see it
+    runs = _runs_dir(tmp_path)
+    env = {**launch_env(), "TMPDIR": os.path.realpath(runs)}
     log = open(tmp_path / "log.txt", "w")  # a file, not a pipe nobody reads while it runs
     proc = subprocess.Popen([os.path.join(ROOT, "train.sh"), str(cfg), "2", f"runtime.work_dir={tmp_path / 'w'}",
                              *overrides], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -186,13 +193,12 @@ def test_ctrl_c_during_test_sh_is_one_line_exit_75(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(CONFIG.replace("val_size: 16", "val_size: 50000"))
     torch.save(build_model(from_tree(parse_yaml(cfg.read_text())).model).state_dict(), tmp_path / "m.pth")
-    runs = tmp_path / "runs"
-    runs.mkdir()
+    runs = _runs_dir(tmp_path)
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen([os.path.join(ROOT, "test.sh"), str(cfg), str(tmp_path / "m.pth"), "2",
                                  f"runtime.work_dir={tmp_path / 'w'}"], cwd=tmp_path,
-                                env={**launch_env(), "TMPDIR": str(runs)}, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                env={**launch_env(), "TMPDIR": os.path.realpath(runs)}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         evaluating = _wait_for(proc, lambda: any(n.startswith("rank1-worker") for n in _heartbeats(runs)))
         assert evaluating, (tmp_path / "log.txt").read_text()
