@@ -86,6 +86,7 @@ class PreemptionGuard:
         self._previous = {}
         self._calls = 0
         self._stop = False
+        self._announced = False
 
     @property
     def requested(self):
@@ -93,17 +94,23 @@ class PreemptionGuard:
         return self.signum is not None
 
     def _handle(self, signum, frame):
+        # No logging here: the signal can land while the loop itself writes to the console, and a second write
+        # to that stream from the handler fails ("reentrant call inside BufferedWriter"). announce() logs it.
         now = time.monotonic()
         if self.signum is not None:
             if signum != signal.SIGINT or now - self._first < self.repeat_after:
                 return
-            log.info('second stop signal (SIGINT): stopping immediately')
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum, self._first = signum, now
-        log.info('received %s: saving at the end of this step or validation batch (Ctrl-C again stops at once)',
-                    signal.Signals(signum).name)
+
+    def announce(self):
+        """Log the stop signal once, from the loop (the first poll after it arrived)."""
+        if self.signum is not None and not self._announced:
+            self._announced = True
+            log.info('received %s: saving at the end of this step or validation batch (Ctrl-C again stops at once)',
+                     signal.Signals(self.signum).name)
 
     def install(self):
         if threading.current_thread() is not threading.main_thread():

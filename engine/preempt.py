@@ -44,6 +44,7 @@ class StopAgreement:
 
     def poll(self, sync=False):
         """True when some rank asked to stop (as of the previous poll; at once when ``sync``)."""
+        self.guard.announce()
         if self.group is None:
             return bool(self.local)
         decided = False
