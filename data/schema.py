@@ -61,6 +61,20 @@ def _between(low, high):
     return check
 
 
+MAX_INPUT_SIZE = 8192  # one 8192^2 RGB image is 0.8 GB as float32; the largest shipped input is 1333 (COCO)
+
+
+def _image_side(value, path):
+    """input_size / eval_resize: at least 1, at most MAX_INPUT_SIZE (refused before anything is allocated)."""
+    if value < 1:
+        raise ConfigError(f"{path} must be >= 1, got {value}")
+    if value > MAX_INPUT_SIZE:
+        gb = 3 * value * value * 4 / 1e9
+        raise ConfigError(f"{path}={value:,} is larger than {MAX_INPUT_SIZE:,} (at most): one {value:,}x{value:,} "
+                          f"image alone is {gb:,.1f} GB as float32; use the size the model is made for (224 for "
+                          f"ImageNet, 32 for CIFAR)")
+
+
 MAX_SYNTHETIC = 10_000_000  # labels take 8 bytes each; the per-image seed must stay below 2**31
 
 
@@ -91,11 +105,11 @@ DATA_SCHEMA = {
                          "list labels must lie in [0, num_classes), folder trees must have that many classes",
                          type=(int,), nullable=True, check=_min(1)),
     "input_size": Field(None, "side of the square images fed to the model; null = 224 for ImageNet and synthetic, "
-                        "32 for CIFAR and digits (synthetic images are generated at this size)",
-                        type=(int,), nullable=True, check=_min(1)),
+                        "32 for CIFAR and digits (synthetic images are generated at this size); at most 8192",
+                        type=(int,), nullable=True, check=_image_side),
     "eval_resize": Field(None, "evaluation: resize the shorter side to this, then center-crop input_size "
                          "(single-crop protocol); null = input_size / 0.875 (256 for 224) for ImageNet, "
-                         "no resize for the others", type=(int,), nullable=True, check=_min(1)),
+                         "no resize for the others; at most 8192", type=(int,), nullable=True, check=_image_side),
     "normalize": Field("auto", "mean/std preset applied on the device; auto = the dataset's own", choices=NORMALIZE),
     "mean": Field(None, "per-channel RGB mean in [0, 1], overrides the normalize preset", type=(list,),
                   nullable=True, check=_triple),
