@@ -32,3 +32,58 @@ def test_enormous_input_size_is_refused_at_config_time(tmp_path, capsys, monkeyp
         line = one_error(capsys.readouterr().err)
         assert re.search(rf"{key}=100,000 is larger than 8,192 .* 120\.0 GB as float32", line), line
         assert not (tmp_path / "work").exists()
+
+
+def _train_sh(args, cwd, timeout=240, env=None):
+    from tests.engine_helpers import launch_env
+    e = launch_env()
+    e.update(env or {})
+    r = subprocess.run([os.path.join(REPO, "train.sh"), *args], cwd=cwd, env=e, capture_output=True, text=True,
+                       timeout=timeout)
+    r.out = r.stdout + r.stderr
+    return r
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (writes fail with ENOSPC)")
+@pytest.mark.parametrize("name", ["metrics.jsonl", "log.txt"])
+def test_full_disk_while_logging_ends_in_one_line_with_74(tmp_path, name):
+    """A per-step log file on a full disk (here: a link to /dev/full, whose writes fail with ENOSPC), through
+    ./train.sh with 2 processes: exit 74, one line naming the file and the fix, the checkpoint kept."""
+    (tmp_path / "base.yaml").write_text(BASE)
+    work = tmp_path / "w"
+    work.mkdir()
+    os.symlink("/dev/full", work / name)
+    r = _train_sh([str(tmp_path / "base.yaml"), "2", f"runtime.work_dir={work}", "runtime.ckpt_interval_steps=1",
+                   "runtime.log_interval=2", "data.synthetic.train_size=32"], cwd=tmp_path)
+    assert r.returncode == 74, r.out
+    line = one_error(r.stderr)
+    assert re.search(rf"could not write .*w/{re.escape(name)}: no space left on device; free space in .*w or pick "
+                     r"another runtime\.work_dir", line), line
+    if name == "metrics.jsonl":  # step 1 was saved before the log of step 2 failed: it is kept, intact
+        from engine.checkpoint_manager import CheckpointManager
+        ckpt = CheckpointManager(work).latest()
+        assert ckpt and ckpt.endswith("step_0000001.pth"), os.listdir(work / "checkpoints")
+        from engine.checkpoint import load_checkpoint
+        assert load_checkpoint(ckpt)["step"] == 1
+
+
+def test_full_disk_under_tensorboard_ends_the_run_instead_of_blocking(tmp_path, monkeypatch):
+    """tensorboardX's writer thread died on ENOSPC and its full queue then blocked add_scalar for ever."""
+    pytest.importorskip("tensorboardX")
+    import time
+    from tensorboardX.record_writer import RecordWriter
+    from engine.checkpoint import CheckpointError
+    from engine.logger import RunLogger
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    runlog = RunLogger(str(tmp_path), True, True)
+    monkeypatch.setattr(RecordWriter, "write", full)  # the disk fills up during the run
+    monkeypatch.setattr(RecordWriter, "flush", full)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"could not write .*/tb: no space left on device; free space in "):
+        for step in range(200):  # 10 fill the queue of a dead writer thread
+            runlog.log("train", step, {"loss": 1.0})
+            time.sleep(0.02)
+    assert time.monotonic() - start < 30
+    runlog.close()
