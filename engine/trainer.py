@@ -136,6 +136,7 @@ class Trainer:
         err = None
         if self.dist.is_main:
             try:
+                self._check_shared_memory()
                 check_writable(self.work_dir, need_bytes=self._checkpoint_bytes() * 2,  # new file before old goes
                                files=("config.yaml", "log.txt", "metrics.jsonl", "checkpoints/latest",
                                       "checkpoints/best.pth", "checkpoints/best.json"),
@@ -159,6 +160,32 @@ class Trainer:
         for line in run_summary(self, threads):
             self.log.info("%s", line)
         self._log_pretrained()
+
+    SHM = "/dev/shm"
+
+    def _check_shared_memory(self):
+        """Data workers hand their batches to the process through /dev/shm: with less free there than the batches
+        in flight (per-process batch x prefetch_factor x workers x processes on this node, x2 margin), a worker
+        dies mid-epoch with a bus error or 'unable to write to file </torch_...>'. Refuse before the first step."""
+        d = self.cfg.data
+        if not d.workers or not os.path.isdir(self.SHM):
+            return
+        from data.recipe import build_recipe
+        side = build_recipe(d.to_dict() if hasattr(d, "to_dict") else d).input_size
+        image = 3 * side * side  # uint8 images, int64 labels
+        batch = max(self.train_loader.batch_size or self.batch, self.val_loader.batch_size or 1)
+        procs = int(os.environ.get("LOCAL_WORLD_SIZE") or self.dist.world_size)
+        need = 2 * (batch * (image + 8)) * d.prefetch_factor * d.workers * procs
+        free = shutil.disk_usage(self.SHM).free
+        if free < need:
+            from engine.checkpoint_manager import _size
+            raise CheckpointError(
+                f"{self.SHM} has {_size(free)} free but the data workers' batches in flight need about {_size(need)} "
+                f"({procs} process{'es' if procs > 1 else ''} x data.workers={d.workers} x "
+                f"data.prefetch_factor={d.prefetch_factor} x batches of {batch} x 3x{side}x{side} uint8, x2 margin); "
+                f"lower data.workers (0 needs no shared memory), data.prefetch_factor or "
+                f"train.batch_size/eval.batch_size, or give the container more shared memory "
+                f"(docker run --shm-size=8g or --ipc=host)")
 
     def _checkpoint_bytes(self):
         """About the size of a checkpoint, before the first step (the optimizer's state is still empty):

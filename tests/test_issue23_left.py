@@ -87,3 +87,29 @@ def test_full_disk_under_tensorboard_ends_the_run_instead_of_blocking(tmp_path, 
             time.sleep(0.02)
     assert time.monotonic() - start < 30
     runlog.close()
+
+
+def test_tiny_dev_shm_is_refused_before_the_first_step(tmp_path, capsys, monkeypatch):
+    """Docker's 64 MB /dev/shm with data workers: a bus error mid-epoch before; now 74 and one line, nothing written."""
+    import shutil
+    from tools.train import run
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    real = shutil.disk_usage
+
+    def usage(path):
+        if os.fspath(path) == "/dev/shm":
+            return real(path)._replace(free=64 * 2**20)
+        return real(path)
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    monkeypatch.chdir(REPO)
+    (tmp_path / "base.yaml").write_text(BASE)
+    argv = [str(tmp_path / "base.yaml"), f"runtime.work_dir={tmp_path}/work", "data.workers=2", "data.input_size=224",
+            "train.batch_size=64", "eval.batch_size=64", "data.synthetic.train_size=64", "runtime.max_steps=1"]
+    assert run(argv) == 74
+    line = one_error(capsys.readouterr().err)
+    assert re.search(r"/dev/shm has 64\.0 MiB free but the data workers' batches in flight need about 73\.5 MiB "
+                     r"\(1 process x data\.workers=2 x data\.prefetch_factor=2 x batches of 64 x 3x224x224 uint8, "
+                     r"x2 margin\); lower data\.workers .*--shm-size", line), line
+    assert not (tmp_path / "work").exists()
+    assert run(argv[:-5] + ["data.workers=0", "runtime.max_steps=1"]) == 0  # no workers: no shared memory needed
