@@ -113,3 +113,26 @@ def test_tiny_dev_shm_is_refused_before_the_first_step(tmp_path, capsys, monkeyp
                      r"x2 margin\); lower data\.workers .*--shm-size", line), line
     assert not (tmp_path / "work").exists()
     assert run(argv[:-5] + ["data.workers=0", "runtime.max_steps=1"]) == 0  # no workers: no shared memory needed
+
+
+def _report_as(rank, line, tmp_path, world=2):
+    env = {k: v for k, v in os.environ.items() if k not in ("BLOCKLAB_LAUNCHER", "BLOCKLAB_RUN_DIR")}
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29999",
+               TORCHELASTIC_RUN_ID=tmp_path.name, TMPDIR=str(tmp_path), PYTHONPATH=REPO)
+    return subprocess.Popen([sys.executable, "-c", f"from engine.relay import report_error; report_error({line!r})"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+
+
+def test_without_the_launcher_a_non_zero_ranks_error_reaches_the_console_once(tmp_path):
+    """torchrun/srun without tools/launch.py: only rank 0 used to print; rank 1's own error was lost."""
+    from engine.watchdog import RUN_DIR_ENV
+    assert RUN_DIR_ENV == "BLOCKLAB_RUN_DIR"
+    procs = [_report_as(r, "error: cannot read image P: truncated; replace it" if r else "error: lost contact with "
+                        "rank 1", tmp_path) for r in (0, 1)]
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    assert errs[0].strip() == "error: lost contact with rank 1"
+    assert errs[1].strip() == "error: [rank 1] cannot read image P: truncated; replace it"
+    # the same line from every rank (a refused config): printed once, by one rank
+    procs = [_report_as(r, "error: cfg.yaml: unknown key 'train.lrr'", tmp_path) for r in (0, 1, 2)]
+    errs = "".join(p.communicate(timeout=60)[1] for p in procs)
+    assert errs.count("unknown key 'train.lrr'") == 1, errs
