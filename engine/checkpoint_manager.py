@@ -213,6 +213,36 @@ class CheckpointManager:
         self._meta.update({'file': name, 'metric': float(metric), 'mode': self.mode})
         self._write_meta()
 
+    def check_best(self):
+        """At the start of a run: verify ``best.pth`` (content hash / zip CRC). A damaged one is restored from the
+        checkpoint ``best.json`` names when that one is intact and holds the same metric, else moved aside to
+        ``best.pth.damaged`` (the next better epoch writes a new one). Returns a one-line warning, or None."""
+        best = self.path(BEST)
+        if not os.path.isfile(best):
+            return None
+        try:
+            load_checkpoint(best)
+            return None
+        except CheckpointError as exc:
+            problem = str(exc).splitlines()[0]
+        source = self.best_source
+        if source and os.path.isfile(self.path(source)):
+            try:
+                state = load_checkpoint(self.path(source))
+                if isinstance(state, dict) and state.get('metric') is not None and \
+                        float(state['metric']) == self.best_metric:
+                    self._save_best(self.path(source), source, self.best_metric)
+                    return f'{best} was damaged ({problem}); restored it from {self.path(source)} (same metric)'
+            except CheckpointError:
+                pass
+        try:
+            os.replace(best, best + '.damaged')
+        except OSError as exc:
+            return f'{best} is damaged ({problem}) and could not be moved aside ({_why(exc)}); remove it'
+        metric = f' than {self.best_metric:g}' if self.best_metric is not None else ''
+        return (f'{best} is damaged ({problem}) and its source ({source or "unknown"}) is gone or damaged too: moved '
+                f'it to best.pth.damaged; the next epoch better{metric} writes a new best.pth')
+
     def recover_best(self, resumed_best=None):
         """With ``best.json`` missing, take the best metric from the checkpoints (it is only a cache of them).
 

@@ -147,6 +147,9 @@ class Trainer:
                                       "(another run just stopped?); run the same command again to resume from it")
                 dump(cfg, os.path.join(self.work_dir, "config.yaml"))
                 setup_console(0, os.path.join(self.work_dir, "log.txt"))
+                damaged = self.ckpt.check_best()
+                if damaged:
+                    self.log.warning("%s", damaged)
             except WorkDirBusy as e:
                 err = ("busy", str(e))
             except (CheckpointError, OSError) as e:

@@ -136,3 +136,31 @@ def test_without_the_launcher_a_non_zero_ranks_error_reaches_the_console_once(tm
     procs = [_report_as(r, "error: cfg.yaml: unknown key 'train.lrr'", tmp_path) for r in (0, 1, 2)]
     errs = "".join(p.communicate(timeout=60)[1] for p in procs)
     assert errs.count("unknown key 'train.lrr'") == 1, errs
+
+
+def test_a_damaged_best_pth_is_restored_or_moved_aside_at_start(tmp_path):
+    """best.pth with a flipped bit while best.json is intact used to stay until test.sh loaded it."""
+    from engine.checkpoint_manager import CheckpointManager
+    from engine.trainer import Trainer
+    from tests.engine_helpers import tiny_cfg, tiny_model
+    from tools.fault_inject import flip_tensor_bit
+    work = tmp_path / "w"
+    Trainer(tiny_cfg(work, "runtime.keep_last=5"), tiny_model).train()
+    ckpt = work / "checkpoints"
+    source = CheckpointManager(work).best_source
+    good = (ckpt / "best.pth").read_bytes()
+    assert good == (ckpt / source).read_bytes()
+    flip_tensor_bit(ckpt / "best.pth")
+    Trainer(tiny_cfg(work, "runtime.keep_last=5"), tiny_model).train()  # nothing to do: it only checks best.pth
+    assert (ckpt / "best.pth").read_bytes() == good, "the damaged best.pth was not restored"
+    log = (work / "log.txt").read_text()
+    assert re.search(rf"best\.pth was damaged \(checkpoint .*best\.pth fails its integrity check.*\); restored it "
+                     rf"from .*{source} \(same metric\)", log), log
+    # its source gone as well: moved aside, said in one line; the next better epoch writes a new one
+    flip_tensor_bit(ckpt / "best.pth")
+    os.remove(ckpt / source)
+    Trainer(tiny_cfg(work, "runtime.keep_last=5"), tiny_model).train()
+    assert not (ckpt / "best.pth").exists() and (ckpt / "best.pth.damaged").exists()
+    assert re.search(rf"best\.pth is damaged \(.*\) and its source \({source}\) is gone or damaged too: moved it to "
+                     r"best\.pth\.damaged; the next epoch better than [\d.]+ writes a new best\.pth",
+                     (work / "log.txt").read_text())
