@@ -415,9 +415,23 @@ def from_tree(tree, overrides=(), schema=None, where="config"):
         if "train" in schema:
             from engine.schema import cross_check
             cross_check(tree)
+        _user_paths(tree)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return Config(tree)
+
+
+def _user_paths(tree):
+    """Paths as users type them: ``~`` expanded; the work dir normalised (``w/`` and ``w`` are the same run).
+    Relative paths stay relative to the current directory (where ./train.sh was started from)."""
+    rt = tree.get("runtime")
+    if not isinstance(rt, dict):
+        return
+    for key in ("work_dir", "resume_from"):
+        if isinstance(rt.get(key), str) and rt[key]:
+            rt[key] = os.path.expanduser(rt[key])
+    if isinstance(rt.get("work_dir"), str) and rt["work_dir"]:
+        rt["work_dir"] = os.path.normpath(rt["work_dir"])
 
 
 def _validate_model(model_cfg):

@@ -164,3 +164,34 @@ def test_a_damaged_best_pth_is_restored_or_moved_aside_at_start(tmp_path):
     assert re.search(rf"best\.pth is damaged \(.*\) and its source \({source}\) is gone or damaged too: moved it to "
                      r"best\.pth\.damaged; the next epoch better than [\d.]+ writes a new best\.pth",
                      (work / "log.txt").read_text())
+
+
+def test_path_forms_users_type_through_the_scripts(tmp_path):
+    """'~' in runtime.work_dir (a literal '~' folder was made in the current directory) and in test.sh's
+    CHECKPOINT, a trailing slash (the same run), relative paths from another directory (relative to it)."""
+    home, here = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    here.mkdir()
+    (tmp_path / "base.yaml").write_text(BASE)
+    env = {"HOME": str(home)}
+    script = os.path.relpath(os.path.join(REPO, "train.sh"), here)  # e.g. ../../blocklab/train.sh
+    from tests.engine_helpers import launch_env
+    e = {**launch_env(), **env}
+
+    def run(cmd, *args):
+        r = subprocess.run([cmd, *args], cwd=here, env=e, capture_output=True, text=True, timeout=240)
+        r.out = r.stdout + r.stderr
+        return r
+    r = run(script, "../base.yaml", "1", "runtime.work_dir=~/w")
+    assert r.returncode == 0, r.out
+    assert (home / "w" / "checkpoints" / "best.pth").is_file() and not (here / "~").exists(), os.listdir(here)
+    r = run(script, "../base.yaml", "1", "runtime.work_dir=~/w/")  # the same run: nothing left to do
+    assert r.returncode == 0 and "nothing to do: this run already finished" in r.out, r.out
+    r = run(script, "../base.yaml", "1", f"runtime.work_dir={home}/w//")
+    assert r.returncode == 0 and "nothing to do" in r.out, r.out
+    r = run(script, "../base.yaml", "1", "runtime.work_dir=rel/w", "runtime.resume_from=~/w/checkpoints/best.pth")
+    assert r.returncode == 0, r.out  # relative to the caller's directory; '~' in resume_from
+    assert (here / "rel" / "w" / "config.yaml").is_file()
+    r = run(os.path.relpath(os.path.join(REPO, "test.sh"), here), "~/w")  # quoted: the shell left the '~'
+    assert r.returncode == 0 and "top1" in r.out, r.out
+    assert (home / "w" / "test_best.json").is_file(), os.listdir(home / "w")

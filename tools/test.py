@@ -49,6 +49,8 @@ def parse_args(argv=None):
     if not inputs or "=" in inputs[0] and not os.path.exists(inputs[0]):
         p.error("give a CHECKPOINT (a path, work dir, model-zoo name or URL)")
     args.checkpoint, args.overrides = inputs[0], inputs[1:]
+    if args.checkpoint.startswith("~"):  # quoted, so the shell left it: a path in the home folder
+        args.checkpoint = os.path.expanduser(args.checkpoint)
     return args
 
 
