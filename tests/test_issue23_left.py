@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.test_bad_inputs import BASE, snapshot
+from tests.test_bad_inputs import BASE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
