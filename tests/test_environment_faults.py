@@ -1,6 +1,6 @@
-"""The items left open in issue 23: a full disk while logging (74), a tiny /dev/shm (74), an enormous
-input_size (2), the path forms users type, a damaged best.pth at start, and a non-zero rank's error
-without tools/launch.py. Each case is refused in one line, writes nothing it should not, and keeps
+"""What a user's machine does to a run: a full disk while logging (74), a tiny /dev/shm (74), an
+enormous input_size (2), the path forms users type, a damaged best.pth at start, and a non-zero rank's
+error without tools/launch.py. Each case is refused in one line, writes nothing it should not, and keeps
 the last good checkpoint."""
 import errno
 import os
