@@ -110,19 +110,21 @@ class CheckpointManager:
     (holding its ``metric``) atomically, points ``latest`` at it, copies it to
     ``best.pth`` when ``metric`` improves (``mode='max'`` or ``'min'``) or when it
     rewrites best.pth's source with a metric as good, and deletes older checkpoints
-    beyond ``keep_last`` (None keeps all). ``best.json`` caches the best metric;
+    beyond ``keep_last`` (None keeps all). ``best.json`` caches the best metric (and its
+    ``metric_name`` when given: ``top1`` for classification, ``bbox_AP`` for detection);
     :meth:`recover_best` rebuilds it from the checkpoints. ``latest()`` returns the
     newest checkpoint that looks readable; ``load_latest()`` loads the newest intact
     one (content hash checked), saying which newer ones it skipped and why.
     """
 
-    def __init__(self, work_dir, keep_last=3, mode='max', check_finite=True):
+    def __init__(self, work_dir, keep_last=3, mode='max', check_finite=True, metric_name=None):
         if keep_last is not None and keep_last < 1:
             raise CheckpointError(f'keep_last must be >= 1 or None (keep all), got {keep_last}')
         if mode not in ('max', 'min'):
             raise CheckpointError(f"mode must be 'max' or 'min', got {mode!r}")
         self.dir = os.path.join(os.fspath(work_dir), CHECKPOINT_DIR)
         self.keep_last, self.mode, self.check_finite = keep_last, mode, check_finite
+        self.metric_name = metric_name  # recorded in best.json with the metric (e.g. 'top1', 'bbox_AP')
         self.last_saved = None
         self.skipped = []  # why load_latest() passed over newer checkpoints
         self._meta = self._read_best_meta()
@@ -210,7 +212,8 @@ class CheckpointManager:
                 shutil.copyfileobj(src, f, 1 << 22)
         atomic_write(self.path(BEST), copy)
         self.best_metric, self.best_source = float(metric), name
-        self._meta.update({'file': name, 'metric': float(metric), 'mode': self.mode})
+        self._meta.update({'file': name, 'metric': float(metric), 'mode': self.mode,
+                           **({'metric_name': self.metric_name} if self.metric_name else {})})
         self._write_meta()
 
     def check_best(self):
@@ -264,7 +267,8 @@ class CheckpointManager:
         pick = max if self.mode == 'max' else min
         self.best_metric, self.best_source = pick(found, key=lambda f: f[0])
         self._meta.update({'metric': self.best_metric, 'mode': self.mode,
-                           **({'file': self.best_source} if self.best_source else {})})
+                           **({'file': self.best_source} if self.best_source else {}),
+                           **({'metric_name': self.metric_name} if self.metric_name else {})})
         log.warning('%s was missing: best %s recovered from the checkpoints', self.path(BEST_META), self.best_metric)
         try:
             self._write_meta()

@@ -15,6 +15,8 @@ from engine.meters import SumMeter
 
 
 class ClassificationTask:
+    best_keys = ("top1", "top5")  # best.json keeps the best of each over the evaluations (record_best_of)
+
     def __init__(self, cfg):
         from models.features import require_classifier
         require_classifier(cfg.model, "classification (top-1/top-5 training and evaluation)")
@@ -98,6 +100,7 @@ class DetectionTask:
         self.masks = cfg.detector.type == "mask_rcnn"
         self.iou_types = ("bbox", "segm") if self.masks else ("bbox",)
         self.losses = LOSSES + (("loss_mask",) if self.masks else ())
+        self.best_keys = tuple(f"{t}_{k}" for t in self.iou_types for k in ("AP", "AP50", "AP75"))
 
     def build_dataset(self, split):
         import data

@@ -120,7 +120,7 @@ class Trainer:
         self.best_metric = None
         self.rng_epoch_start = None
         self.stop = StopAgreement()
-        self.ckpt = CheckpointManager(self.work_dir, keep_last=rt.keep_last)
+        self.ckpt = CheckpointManager(self.work_dir, keep_last=rt.keep_last, metric_name=cfg.eval.best_metric)
         self.nonfinite = None if tr.max_nonfinite is None else NonFiniteGuard(tr.max_nonfinite, self.ckpt)
         self.lock = WorkDirLock(self.work_dir)
         self.pretrained = None  # (path, models.weights.LoadReport) when model.pretrained initialised this run
@@ -435,7 +435,7 @@ class Trainer:
         self.runlog.log("val", self.step, metrics, epoch=self.epoch)
         if self.dist.is_main:
             try:
-                self.ckpt.record_best_of(metrics)
+                self.ckpt.record_best_of(metrics, self.task.best_keys)
             except CheckpointError as e:
                 self.log.warning("%s", e)
         return metrics
