@@ -91,10 +91,22 @@ def test_configs_found():
     assert os.path.join("configs", "default.yaml") in CONFIGS
 
 
+def expected_classes(path, dataset):
+    """The class count a config's dataset has (None where the user's data decides)."""
+    return {"cifar10": 10, "cifar100": 100}.get(dataset) or (1000 if path.startswith("configs/imagenet/") else None)
+
+
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_loads_as_written(path):
-    cfg = load_config(os.path.join(ROOT, path))
-    assert cfg.train.batch_size % cfg.train.accum_steps == 0
+    cfg = load_config(os.path.join(ROOT, path))  # validates every section and builds the model on the meta device
+    expected = expected_classes(path, cfg.data.dataset)
+    if expected is not None:  # not checked at load: a CIFAR-100 config with 10 classes fails only once data loads
+        assert cfg.model.num_classes == expected, (cfg.data.dataset, cfg.model.num_classes)
+
+
+def test_a_wrong_class_count_is_caught():
+    cfg = load_config(os.path.join(ROOT, "configs/cifar/cifar100/resnet20.yaml"), ["model.num_classes=10"])
+    assert cfg.model.num_classes != expected_classes("configs/cifar/cifar100/resnet20.yaml", cfg.data.dataset)
 
 
 def test_every_config_shares_the_step_of_a_stepped_config():
