@@ -14,6 +14,7 @@ import torch
 
 from engine.checkpoint import save_checkpoint
 from engine.checkpoint_manager import CheckpointManager
+from tests.engine_helpers import launch_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = """model: {backbone: cifar_resnet20, num_classes: 4}
@@ -233,7 +234,7 @@ def test_late_refusals_through_train_sh_with_two_processes_and_workers(tmp_path)
     (root / 'train' / 'c1' / '9.png').unlink()
     (tmp_path / 'w_metrics').mkdir()
     (tmp_path / 'w_metrics' / 'metrics.jsonl').mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')}
+    env = launch_env()  # a user's shell, the scripts run by this test's Python (not a .venv the clone may lack)
     common = [os.path.join(REPO, 'train.sh'), str(tmp_path / 'base.yaml'), '2', 'data.workers=2']
     (tmp_path / 'base.yaml').write_text(BASE)
     cases = [([f'data.dataset=imagenet_list', f'data.root={root}', 'data.val_dir=train', 'data.val_list=train.txt',

@@ -56,29 +56,30 @@ COMBOS = {
 }
 
 
-def allowed(backbone, combo):
-    cfg = dict({"backbone": backbone, "num_classes": 5}, **combo)
-    try:
-        validate_model_cfg(cfg)  # builds on the meta device: value errors count as refusals
-        return True
-    except ConfigError:
-        return False
-
-
-CASES = [(b, c) for b in sorted(BACKBONES) for c in COMBOS if allowed(b, COMBOS[c])]
+# ED needs a residual bottleneck to sit beside: the inverted-residual and channel-split backbones refuse it at
+# load. Written out rather than asked of the loader at import, so collecting the tests builds no model.
+REFUSED = {(b, "ed+se") for b in BACKBONES if b.startswith(("mobilenet", "shufflenet"))}
 
 
 def test_the_combination_matrix_is_what_we_think():
-    assert ("mobilenet_v2", "ed+se") not in CASES and ("mobilenet_v2", "ce+se+we") in CASES
-    assert ("resnet50", "ed+se") in CASES and ("resnext101_32x8d", "ed+se") in CASES
-    assert ("cifar_resnet20", "ed+se") in CASES  # ED's groups adjusted to the CIFAR widths (docs/blocks.md)
-    assert {b for b, _ in CASES} == set(BACKBONES)
+    assert ("mobilenet_v2", "ed+se") in REFUSED and ("shufflenet_v2_x1_0", "ed+se") in REFUSED
+    assert not {c for _, c in REFUSED} - {"ed+se"}  # ED on every ResNet, CIFAR ones included (docs/blocks.md)
+    assert {b for b in BACKBONES if all((b, c) in REFUSED for c in COMBOS)} == set()
 
 
-@pytest.mark.parametrize("backbone,combo", CASES)
-def test_every_allowed_combination_builds_runs_and_trains(backbone, combo):
+@pytest.mark.parametrize("combo", sorted(COMBOS))
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_every_combination_is_refused_at_load_or_builds_runs_and_trains(backbone, combo):
+    cfg = dict({"backbone": backbone, "num_classes": 5}, **COMBOS[combo])
+    if (backbone, combo) in REFUSED:
+        with pytest.raises(ConfigError):
+            validate_model_cfg(cfg)  # builds on the meta device: value errors count as refusals
+        with pytest.raises((ConfigError, ValueError)):
+            build_model(cfg)
+        return
+    validate_model_cfg(cfg)  # what the config loader accepts ...
     torch.manual_seed(0)
-    model = build_model(dict({"backbone": backbone, "num_classes": 5}, **COMBOS[combo]))
+    model = build_model(cfg)  # ... builds, runs forward and backward, and evaluates
     size = 16 if backbone.startswith("cifar") else 32
     x = torch.randn(2, 3, size, size)
     out = model(x)

@@ -14,7 +14,7 @@ from engine.evaluator import evaluate
 from engine.fields import ConfigError
 from engine.optim import build_optimizer, lr_factor
 from engine.trainer import Trainer
-from tests.engine_helpers import TinyNet, assert_same, run_train_sh, tiny_cfg, tiny_model, weights
+from tests.engine_helpers import TinyNet, assert_same, tiny_cfg, tiny_model, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -273,20 +273,4 @@ def test_amp_runs_autocast_and_scaler_on_cpu(tmp_path, amp, dtype):
         assert state["scaler"] is None
 
 
-def test_train_sh_bf16_channels_last_on_cpu(tmp_path):
-    # the README's headline command (train.amp=bf16 train.channels_last=true), 2 gloo processes, CE blocks
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(f"""
-model: {{backbone: cifar_resnet20, num_classes: 4, plugins: [{{type: ce, stem: true}}]}}
-data: {{dataset: synthetic, input_size: 8, workers: 0, synthetic: {{train_size: 32, val_size: 8}}}}
-train: {{epochs: 1, batch_size: 8, lr: 0.05}}
-runtime: {{device: cpu, work_dir: {tmp_path / 'run'}, log_interval: 1, tensorboard: false}}
-""")
-    r = run_train_sh(cfg, 2, "train.amp=bf16", "train.channels_last=true", cwd=tmp_path)
-    out = r.out
-    assert r.returncode == 0, out
-    assert "world size 2 (gloo)" in out and "mixed precision: bf16 autocast on cpu" in out, out
-    assert "val epoch 1" in out and "nan" not in out.split("val epoch 1")[1], out
-    state = torch.load(tmp_path / "run" / "checkpoints" / "epoch_001.pth", weights_only=True)
-    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values()
-                                      if v.is_floating_point())
+# ./train.sh with 2 processes, bf16 and channels_last (and CE, SyncBN, compile): tests/test_fast_paths.py
