@@ -9,11 +9,12 @@ means, ``OPTIONS = {name: Option(...)}``; registering a class whose declarations
 keyword arguments differ fails, so no option reaches a model unchecked. docs/blocks.md is
 generated from these declarations (``python -m models.block_docs``).
 """
-import difflib
 import inspect
 import logging
 import math
 from dataclasses import dataclass
+
+from core.names import did_you_mean
 
 BLOCKS = {}
 CONVS = {}
@@ -116,11 +117,6 @@ def log_adjustment(message):
         log.info(message)
 
 
-def _nearest(name, names):
-    match = difflib.get_close_matches(str(name), list(names), n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 def register_block(name, positions=("after_norm",), stem=False):
     """Register a block class under ``name``.
 
@@ -159,7 +155,7 @@ def get_block(name):
         raise KeyError(f"'{name}' is a conv type, not a plug-in block: remove it from model.plugins and "
                        f"set model.conv: {{type: {name}}}")
     if name not in BLOCKS:
-        raise KeyError(f"unknown block type '{name}'{_nearest(name, BLOCKS)}; "
+        raise KeyError(f"unknown block type '{name}'{did_you_mean(name, BLOCKS)}; "
                        f"registered blocks: {sorted(BLOCKS)}")
     return BLOCKS[name]
 
@@ -169,7 +165,7 @@ def get_conv(name):
         raise KeyError(f"'{name}' is a plug-in block, not a conv type: set model.conv: {{type: plain}} and add "
                        f"{{type: {name}}} to model.plugins")
     if name not in CONVS:
-        raise KeyError(f"unknown conv type '{name}'{_nearest(name, CONVS)}; "
+        raise KeyError(f"unknown conv type '{name}'{did_you_mean(name, CONVS)}; "
                        f"registered convs: {sorted(CONVS)}")
     return CONVS[name]
 

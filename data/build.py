@@ -1,7 +1,7 @@
 """Builders the engine calls: the dataset of a split and the device transform."""
 import os
 
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 from .arrays import CIFAR, ArrayDataset, SyntheticDataset, load_cifar, load_digits
 from .files import _check_num_classes, folder_dataset, list_dataset

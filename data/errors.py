@@ -1,5 +1,5 @@
 """The error raised for unusable data: a missing file, a bad list line, an unreadable image."""
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 
 class DataError(ConfigError):

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, default_collate
 
-from engine.fields import ConfigError
+from core.fields import ConfigError
 from engine.watchdog import worker_beat
 
 from .errors import DataError

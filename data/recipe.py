@@ -11,7 +11,7 @@ Seed recipes:
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 from .schema import resolve
 

@@ -6,10 +6,10 @@ Keys whose default is ``null`` take their value from the dataset's preset (see
 evaluation, ImageNet mean/std), CIFAR gets pad-4 crops + flip, ``digits`` gets
 small shifts and no flip. The batch size is not here: the engine passes it.
 """
-import difflib
 from collections.abc import Mapping
 
-from engine.fields import ConfigError, Field, refuse_non_finite
+from core.config import validate
+from core.fields import ConfigError, Field
 
 DATASETS = ("imagenet_folder", "imagenet_list", "cifar10", "cifar100", "digits", "synthetic", "coco")
 NORMALIZE = ("auto", "imagenet", "cifar10", "cifar100", "digits", "half", "none")
@@ -163,46 +163,13 @@ DATA_SCHEMA = {
 }
 
 
-def _check_value(field, value, path):
-    if value is None:
-        if field.nullable:
-            return
-        raise ConfigError(f"{path} may not be null; set it to a value like {field.default!r}")
-    types = field.types()
-    if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"{path} must be {'/'.join(t.__name__ for t in types)}, got {value!r}")
-    if isinstance(value, tuple) and list in types:
-        value = list(value)
-    if not isinstance(value, types):
-        raise ConfigError(f"{path} must be {'/'.join(t.__name__ for t in types)}, got {value!r}")
-    refuse_non_finite(value, path)
-    if field.choices is not None and value not in field.choices:
-        raise ConfigError(f"{path} must be one of {list(field.choices)}, got {value!r}")
-    if field.check is not None:
-        field.check(value, path)
-
-
 def resolve(data_cfg, schema=DATA_SCHEMA, path="data"):
     """Return a plain nested dict: ``data_cfg`` checked against ``schema`` with the defaults filled in.
 
-    The config loader already does this for whole configs; the data builders call it
-    too so that they accept a partial Mapping (tests, scripts) with the same strictness.
+    The config loader already does this for whole configs; the data builders call it too so that
+    they accept a partial Mapping (tests, scripts) with the same validator and the same strictness.
     """
     data_cfg = {} if data_cfg is None else data_cfg
     if not isinstance(data_cfg, Mapping):
         raise ConfigError(f"{path} must be a mapping of keys, got {type(data_cfg).__name__}")
-    unknown = [k for k in data_cfg if k not in schema]
-    if unknown:
-        near = difflib.get_close_matches(str(unknown[0]), list(schema), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else f"; valid keys: {sorted(schema)}"
-        raise ConfigError(f"unknown key {path}.{unknown[0]}{hint}")
-    out = {}
-    for key, spec in schema.items():
-        sub = f"{path}.{key}"
-        if isinstance(spec, dict):
-            out[key] = resolve(data_cfg.get(key), spec, sub)
-        else:
-            value = data_cfg.get(key, spec.default)
-            _check_value(spec, value, sub)
-            out[key] = list(value) if isinstance(value, tuple) else value
-    return out
+    return validate(dict(data_cfg), schema, f"{path}.")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 
 class PeerLost(RuntimeError):

@@ -17,7 +17,6 @@ Downloads and zoo files are checked against a sha256: the index entry's, a
 ``#sha256=<hex>`` URL fragment, or the ``-<sha256[:8]>`` in the file name
 (torchvision's convention). A mismatch deletes the file and raises :class:`HubError`.
 """
-import difflib
 import hashlib
 import logging
 import os
@@ -28,6 +27,7 @@ import urllib.request
 
 import yaml
 
+from core.names import nearest
 from engine.checkpoint import CheckpointError, atomic_write, describe_file
 from engine.checkpoint_manager import run_checkpoint
 
@@ -216,12 +216,12 @@ def resolve_checkpoint(spec, cache_dir=None, index=None, progress=False):
     if spec in models:
         return _resolve_entry(spec, models[spec], cache_dir, index, progress)
     looks_like_path = os.sep in spec or spec.endswith(('.pth', '.pt', '.tar', '.ckpt'))
-    hint = difflib.get_close_matches(spec, list(models), n=1)
+    hint = nearest(spec, models)
     if looks_like_path:
         raise HubError(f'checkpoint {spec} not found (no such file)')
     known = ', '.join(sorted(models)[:8]) or 'none yet'
     raise HubError(f'checkpoint {spec!r} is not a file, a URL or a model-zoo name'
-                   + (f'; did you mean {hint[0]!r}?' if hint else f' (zoo names: {known})'))
+                   + (f'; did you mean {hint!r}?' if hint else f' (zoo names: {known})'))
 
 
 def _resolve_entry(name, entry, cache, index, progress):

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 LOCK_NAME = ".lock"
 _HELD = set()  # descriptors of the locks this process holds

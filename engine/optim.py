@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn as nn
 
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 

@@ -14,7 +14,7 @@ import os
 
 import yaml
 
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 # Keys that may differ from the stored config.yaml when continuing a run (glob patterns over dotted keys).
 MAY_CHANGE = (

@@ -6,7 +6,7 @@ Sizes in the train section are global: ``train.batch_size`` is summed over all
 processes and accumulation steps, and ``train.lr`` is the learning rate for that
 batch (no implicit scaling: a recipe states its own lr and batch).
 """
-from engine.fields import ConfigError, Field
+from core.fields import ConfigError, Field
 
 TASKS = ("classification", "detection")  # engine/tasks.py builds each
 METRICS = {"classification": ("top1", "top5", "ema_top1"),  # what eval.best_metric may name, per task

@@ -15,7 +15,7 @@ import torch
 
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.ema import ModelEMA
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 ARCH_KEYS = ("backbone", "num_classes", "backbone_args", "conv", "plugins")
 

@@ -26,10 +26,10 @@ import torch.nn as nn
 from engine import distributed as du
 from engine.checkpoint import CheckpointError, state_nbytes
 from engine.checkpoint_manager import CheckpointManager, check_writable
-from engine.config import Config, dump
+from core.config import Config, dump
 from engine.ema import ModelEMA
 from engine.evaluator import autocast_for
-from engine.fields import ConfigError
+from core.fields import ConfigError
 from engine.guard import EXIT_PEER_LOST, NonFiniteError, NonFiniteGuard
 from engine.lock import WorkDirBusy, WorkDirLock
 from engine.logger import RunLogger, setup_console

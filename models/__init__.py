@@ -3,14 +3,14 @@
 ``build_model({'backbone': 'resnet50', 'num_classes': 1000, 'conv': {'type': 'plain'},
 'plugins': [{'type': 'ce', 'position': 'after_norm', 'stages': [1, 2, 3], 'stem': True}]})``
 """
-import difflib
 import inspect
 
 import torch
 
 from blocks.conv import EXCLUDE, ConvFactory, conv_option_names
 from blocks.registry import check_options, get_block, get_conv
-from engine.fields import ConfigError
+from core.fields import ConfigError
+from core.names import did_you_mean
 
 from .cifar_resnet import CifarResNet, build_cifar_resnet
 from .features import FeatureInfo
@@ -28,11 +28,6 @@ BACKBONES.update({f"cifar_resnet{d}": (build_cifar_resnet, CifarResNet) for d in
 
 def _get(cfg, key, default=None):
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
-def _nearest(name, names):
-    match = difflib.get_close_matches(str(name), list(names), n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def build_model(model_cfg, features_only=None, out_indices=None):
@@ -89,7 +84,7 @@ def validate_model_cfg(model_cfg, build=True):
     """
     name = _get(model_cfg, "backbone")
     if name not in BACKBONES:
-        raise ConfigError(f"model.backbone: unknown backbone '{name}'{_nearest(name, BACKBONES)}; "
+        raise ConfigError(f"model.backbone: unknown backbone '{name}'{did_you_mean(name, BACKBONES)}; "
                           f"valid: {', '.join(sorted(BACKBONES))}")
     builder, cls = BACKBONES[name]
     args = dict(_get(model_cfg, "backbone_args", {}) or {})
@@ -98,7 +93,7 @@ def validate_model_cfg(model_cfg, build=True):
     for key in args:
         if key not in accepted:
             raise ConfigError(f"model.backbone_args.{key}: {name} takes no argument '{key}'"
-                              f"{_nearest(key, accepted)}; valid: {', '.join(sorted(accepted))}")
+                              f"{did_you_mean(key, accepted)}; valid: {', '.join(sorted(accepted))}")
     conv_cfg = dict(_get(model_cfg, "conv", {"type": "plain"}) or {})
     conv_type = conv_cfg.get("type", "plain")
     try:
@@ -109,11 +104,11 @@ def validate_model_cfg(model_cfg, build=True):
     for key in conv_cfg:
         if key not in conv_opts:
             raise ConfigError(f"model.conv.{key}: conv type '{conv_type}' has no option '{key}'"
-                              f"{_nearest(key, conv_opts)}; valid: {', '.join(sorted(conv_opts))}")
+                              f"{did_you_mean(key, conv_opts)}; valid: {', '.join(sorted(conv_opts))}")
     exclude = conv_cfg.get("exclude", [])
     if not EXCLUDE.accepts(exclude):
         bad = [x for x in exclude if x not in EXCLUDE.choices] if isinstance(exclude, (list, tuple)) else []
-        what = f"'{bad[0]}' is not a conv role{_nearest(bad[0], EXCLUDE.choices)}" if bad else "must be a list"
+        what = f"'{bad[0]}' is not a conv role{did_you_mean(bad[0], EXCLUDE.choices)}" if bad else "must be a list"
         raise ConfigError(f"model.conv.exclude={exclude!r}: {what}; write a list of roles "
                           f"({', '.join(EXCLUDE.choices)}), e.g. model.conv.exclude=[stem]")
     _check_options(get_conv(conv_type), {k: v for k, v in conv_cfg.items() if k not in ("type", "exclude")},
@@ -181,7 +176,7 @@ def _validate_plugins(plugins, backbone, cls):
             if key not in SPEC_KEYS and key not in opts:
                 valid = sorted(set(opts) | set(SPEC_KEYS))
                 raise ConfigError(f"{where}.{key}: block '{block.block_name}' has no option '{key}'"
-                                  f"{_nearest(key, valid)}; valid: {', '.join(valid)}")
+                                  f"{did_you_mean(key, valid)}; valid: {', '.join(valid)}")
         _check_options(block, {k: v for k, v in raw.items() if k not in SPEC_KEYS}, where)
     _refuse_repeats(parse_plugins(plugins), cls.num_stages)
 

@@ -11,7 +11,7 @@ import inspect
 
 from blocks.conv import EXCLUDE, conv_option_names
 from blocks.registry import BLOCKS, CONVS, options_of
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 from . import BACKBONES, validate_model_cfg
 from .plugins import SPEC_DOCS

@@ -5,7 +5,7 @@ The body is ``build_model(cfg.model, features_only=True, out_indices=detector.ou
 the FPN (plus the max-pooled level). Heads, losses, box coding, NMS and the resize/normalise transform are
 torchvision's own. ``pretrained`` weights (classification checkpoints) load into ``detector.backbone.body``.
 """
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 from . import build_model
 from .features import FPNBackbone

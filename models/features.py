@@ -65,7 +65,7 @@ def check_out_indices(out_indices, info, backbone):
 
 def require_classifier(model_cfg, who):
     """Refuse a features-only model section where ``who`` (the trainer, ./test.sh) needs class scores."""
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     if model_cfg.get("features_only"):
         raise ConfigError(f"model.features_only: true makes the model return feature maps (for detection or "
                           f"segmentation code); {who} needs a classifier: set model.features_only=false")

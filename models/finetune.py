@@ -15,7 +15,7 @@ stem = conv1, bn1 and the stem plug-ins, stage k = ``layer{k}``; MobileNetV2: st
 """
 import torch.nn as nn
 
-from engine.fields import ConfigError
+from core.fields import ConfigError
 
 
 class FinetuneMixin:

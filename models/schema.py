@@ -1,5 +1,5 @@
 """The ``model`` section of the config: which backbone, which conv, which plug-ins."""
-from engine.fields import ConfigError, Field
+from core.fields import ConfigError, Field
 
 
 def _stage_index(value, path):

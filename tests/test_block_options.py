@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from engine.config import load_config
-from engine.fields import ConfigError
+from core.fields import ConfigError
 from models import build_model, validate_model_cfg
 
 SMALL = """model: {backbone: cifar_resnet20, num_classes: 4}

@@ -252,7 +252,7 @@ def test_a_detector_resumes_exactly_after_sigterm(tmp_path, shapes, monkeypatch)
     ("detector.num_classes=5", "has 3 categories but detector.num_classes=5; set detector.num_classes=3"),
 ])
 def test_detection_configs_are_refused_in_one_line_writing_nothing(tmp_path, shapes, override, message):
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from engine.trainer import Trainer
     with pytest.raises(ConfigError, match=message) as e:
         Trainer(_detector_cfg(tmp_path / "run", shapes, override))

@@ -6,9 +6,10 @@ import textwrap
 
 import pytest
 
-from engine.config import Config, dump, load_config, merge, parse_override, read_tree
-from engine.fields import ConfigError, Field
-from engine.schema import ENGINE_SCHEMA
+from core.config import Config, dump, load as load_with, merge, parse_override, read_tree
+from core.fields import ConfigError, Field
+from engine.config import load_config
+from engine.schema import ENGINE_SCHEMA, cross_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,7 @@ def write(tmp_path, name, text):
 
 
 def load(path, overrides=()):
-    return load_config(path, overrides, schema=SCHEMA)
+    return load_with(path, SCHEMA, overrides, checks=(cross_check,))
 
 
 @pytest.fixture

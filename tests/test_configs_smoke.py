@@ -19,7 +19,9 @@ import re
 
 import pytest
 
-from engine.config import load_config, read_tree
+from core.config import read_tree
+
+from engine.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"),

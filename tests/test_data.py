@@ -16,7 +16,7 @@ from data.arrays import digits_split
 from data.loader import ShardSampler, TrainSampler
 from data.schema import DATA_SCHEMA, resolve
 from data.transforms import PCA_EIGVAL, ColorJitter, sample_resized_crop
-from engine.fields import ConfigError, Field
+from core.fields import ConfigError, Field
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CLASSES = ["n01", "n02", "n03"]
@@ -413,11 +413,11 @@ def test_schema_is_documented_and_strict():
     assert all(isinstance(f, Field) and f.doc for f in leaves(DATA_SCHEMA))
     assert "batch_size" not in DATA_SCHEMA
     assert resolve({})["augment"]["preset"] == "auto"
-    with pytest.raises(ConfigError, match="did you mean 'workers'"):
+    with pytest.raises(ConfigError, match="did you mean 'data.workers'"):
         resolve(dict(wokers=2))
     with pytest.raises(ConfigError, match=r"data.augment.scale must be a list \[low, high\]"):
         resolve(dict(augment=dict(scale=[1.0, 0.5])))
-    with pytest.raises(ConfigError, match="data.dataset must be one of"):
+    with pytest.raises(ConfigError, match="data.dataset='imagenet' is not one of .*did you mean 'imagenet_list'"):
         resolve(dict(dataset="imagenet"))
     with pytest.raises(ConfigError, match="crop=pad is for in-memory datasets"):
         build_device_transform(dict(dataset="imagenet_folder", augment=dict(crop="pad")), "train")

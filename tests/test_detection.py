@@ -12,8 +12,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from blocks.ce import CE
-from engine.config import read_tree
-from engine.fields import ConfigError
+from core.config import read_tree
+from core.fields import ConfigError
 from models import BACKBONES, build_model, get_conv, validate_model_cfg
 from models.features import FPNBackbone
 from models.plugins import parse_plugins

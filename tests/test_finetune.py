@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from engine.config import from_tree
-from engine.fields import ConfigError
+from core.fields import ConfigError
 from engine.optim import group_lrs, lr_factor
 from engine.trainer import Trainer
 from tests.engine_helpers import run_train_sh
@@ -271,7 +271,7 @@ def test_head_loads_when_it_fits_and_is_reinitialised_when_absent(checkpoints):
 ])
 def test_another_architecture_is_refused_in_one_line_writing_nothing(tmp_path, capsys, folder, checkpoints,
                                                                       model, source, message):
-    from engine.config import dump
+    from core.config import dump
     from tools import train as train_tool
     cfg_path = tmp_path / "ft.yaml"
     dump(ft_cfg(tmp_path / "work", folder, {**model, "pretrained": checkpoints[source]}), str(cfg_path))

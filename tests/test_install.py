@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from engine.config import dump
+from core.config import dump
 from tests.engine_helpers import ROOT, tiny_cfg
 
 PACKAGES = ("blocks", "configs", "data", "engine", "models", "tools")

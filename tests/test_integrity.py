@@ -90,7 +90,7 @@ def _shipped_configs():
 
 
 def test_every_shipped_config_has_its_own_default_work_dir():
-    from engine.config import read_tree  # the merged YAML (with _base_): enough to see runtime.work_dir
+    from core.config import read_tree  # the merged YAML (with _base_): enough to see runtime.work_dir
     dirs = {}
     for rel in _shipped_configs():
         tree = read_tree(os.path.join(ROOT, rel))

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from engine.config import dump
+from core.config import dump
 from engine.threads import MAX_AUTO, available_cores, choose_threads
 from engine.trainer import Trainer
 from tests.engine_helpers import ROOT, launch_env, tiny_cfg

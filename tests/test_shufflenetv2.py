@@ -3,7 +3,7 @@ import pytest
 import torch
 import torchvision
 
-from engine.fields import ConfigError
+from core.fields import ConfigError
 from models import build_model, validate_model_cfg
 from models.shufflenetv2 import WIDTHS
 from tools.flops import complexity

@@ -56,7 +56,7 @@ def test_an_unarmed_rank_is_not_watched(tmp_path):
 
 
 def test_watchdog_must_be_below_the_collective_timeout():
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from tests.engine_helpers import tiny_cfg
     with pytest.raises(ConfigError, match=r"dist.watchdog_s=1800 is not below dist.timeout_min=30"):
         tiny_cfg("/nonexistent", "dist.watchdog_s=1800")
@@ -188,7 +188,9 @@ def test_ctrl_c_during_test_sh_is_one_line_exit_75(tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) while ./test.sh evaluates with 2 processes and workers."""
     import torch
 
-    from engine.config import parse_yaml, from_tree
+    from core.config import parse_yaml
+
+    from engine.config import from_tree
     from models import build_model
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(CONFIG.replace("val_size: 16", "val_size: 50000"))

@@ -200,7 +200,7 @@ def plot(reports, out_dir, threshold):
 
 def main(argv=None):
     from engine.checkpoint import CheckpointError
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from models.weights import WeightsMismatchError
     args = parse_args(argv)
     pairs = list(zip(args.pairs[::2], args.pairs[1::2]))

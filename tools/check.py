@@ -78,7 +78,7 @@ def train_steps(cfg, model, steps, batch):
 
 
 def check(config, overrides, steps=3, batch=2, out=print):
-    """Run the check; returns the exit code. Raises engine.fields.ConfigError for a refused config."""
+    """Run the check; returns the exit code. Raises core.fields.ConfigError for a refused config."""
     from engine.config import load_config
     from engine.guard import EXIT_NONFINITE, EXIT_OK
     from engine.summary import describe_blocks
@@ -133,7 +133,7 @@ def main(argv=None):
     p.add_argument("--steps", type=_positive, default=3, help="training steps on synthetic data (default 3)")
     p.add_argument("--batch", type=_positive, default=2, help="images per step (default 2; BatchNorm needs 2)")
     args = p.parse_args(argv)
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from engine.guard import EXIT_USAGE
     try:
         return check(args.config, args.overrides, args.steps, args.batch)

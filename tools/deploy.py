@@ -276,7 +276,7 @@ def deploy(args):
 
 def main(argv=None):
     from engine.checkpoint import CheckpointError
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from models.weights import WeightsMismatchError
     args = parse_args(argv)
     try:

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from engine.checkpoint import CheckpointError, atomic_write, load_checkpoint
-from engine.fields import ConfigError
+from core.fields import ConfigError
 from engine.hub import REPO_ROOT, index_path, load_index, save_index
 from tools import zoo_table
 

@@ -49,7 +49,7 @@ def load_checkpoint_model(path, config=None, ema=False):
     from data.preprocess import Preprocessing
     from engine.checkpoint import load_checkpoint
     from engine.config import from_tree, load_config
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from models import build_model
     from models.weights import load_weights
     state = load_checkpoint(path)
@@ -97,7 +97,7 @@ def predict(args):
 
 def main(argv=None):
     from engine.checkpoint import CheckpointError
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from models.weights import WeightsMismatchError
     args = parse_args(argv)
     try:

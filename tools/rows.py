@@ -94,7 +94,7 @@ def processes(rel):
 
 def schedule(rel):
     """The ``_base_/schedule_*.yaml`` file the config inherits, searched depth-first."""
-    from engine.config import parse_yaml
+    from core.config import parse_yaml
     path = os.path.join(ROOT, "configs", rel)
     with open(path, encoding="utf-8") as f:
         bases = (parse_yaml(f.read(), path) or {}).get("_base_", [])
@@ -134,7 +134,7 @@ def measure(model_section, input_size, cache):
 
 def row(rel, cache=None):
     """The table cells of one config; ``cache=None`` leaves params and GFLOPs out (no model is built)."""
-    from engine.config import read_tree
+    from core.config import read_tree
     tree = read_tree(os.path.join(ROOT, "configs", rel))
     model = {k: v for k, v in tree["model"].items() if k not in ("pretrained", "frozen_stages", "norm_eval")}
     paper, recipe = SOURCES[os.path.dirname(rel)]

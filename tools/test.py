@@ -58,7 +58,7 @@ def config_from_checkpoint(spec, overrides):
     """(config, local path or None, loaded state or None) for ``./test.sh CHECKPOINT`` without a config."""
     from engine.checkpoint import load_checkpoint
     from engine.config import from_tree, load_config
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from engine.hub import REPO_ROOT, load_index, resolve_checkpoint
     zoo = load_index().get(spec)
     if isinstance(zoo, dict) and zoo.get("config"):
@@ -81,7 +81,7 @@ def eval_differences(stored, cfg):
     no difference)."""
     from data.recipe import build_recipe
     from engine.config import from_tree
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     try:
         stored_cfg = from_tree(stored, where="stored")
     except ConfigError:  # written by another version of blocklab: compare the keys it has
@@ -150,7 +150,7 @@ def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None, r
     weights = full
     if ema:
         if not (isinstance(full, dict) and isinstance(full.get("ema"), dict)):
-            from engine.fields import ConfigError
+            from core.fields import ConfigError
             raise ConfigError(f"{path} holds no EMA weights; drop --ema")
         weights = full["ema"]["module"]
     report = load_weights(model, weights, name=path, fix=fix)
@@ -225,7 +225,7 @@ def _run(argv):
     from engine import distributed as du
     from engine.checkpoint import CheckpointError, atomic_write
     from engine.config import load_config
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from engine.guard import EXIT_OK, EXIT_PEER_LOST, EXIT_USAGE
     from engine.relay import report_error
     from models.weights import WeightsMismatchError

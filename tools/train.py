@@ -85,7 +85,7 @@ def _run(argv):
     from engine import distributed as du
     from engine.checkpoint import CheckpointError
     from engine.config import load_config
-    from engine.fields import ConfigError
+    from core.fields import ConfigError
     from engine.guard import (EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE,
                               NonFiniteError)
     from engine.relay import report_error

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
+from core.names import did_you_mean
+
 
 class ConfigError(ValueError):
     """A config, override or argument that cannot be used; the message is one line naming the fix."""
@@ -38,6 +40,26 @@ class Field:
         t = type(self.default)
         return (int, float) if t is float else (t,)
 
+    def check_value(self, value, path):
+        """Refuse ``value`` at ``path`` unless it has this field's type, choices and check."""
+        if value is None:
+            if self.nullable or self.default is None:
+                return
+            raise ConfigError(f"{path} must not be null; set it to {_type_name(self.types())} "
+                              f"(default: {self.default!r})")
+        types = self.types()
+        ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float))
+                 for t in types)
+        if not ok:
+            raise ConfigError(f"{path} must be {_type_name(types)}, got {value!r} "
+                              f"({type(value).__name__}); e.g. {path}={self.default!r}")
+        refuse_non_finite(value, path)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{path}={value!r} is not one of {list(self.choices)}"
+                              f"{did_you_mean(value, self.choices)}")
+        if self.check is not None:
+            self.check(value, path)
+
 
 def non_finite(value):
     """True for a float nan/inf or a list holding one: no config key means them (null is 'off')."""
@@ -51,3 +73,11 @@ def non_finite(value):
 def refuse_non_finite(value, path):
     if non_finite(value):
         raise ConfigError(f"{path}={value!r} is not a finite number; give a real value (or null where allowed)")
+
+
+def _type_name(types):
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "a mapping"}
+    if set(types) == {int, float}:
+        return "a number"
+    return " or ".join(names.get(t, t.__name__) for t in types)
