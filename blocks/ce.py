@@ -81,6 +81,7 @@ Placement (resnet_v1_ce.py): after bn3 of every bottleneck of stages 1-3 with G=
 the stem BN with G=64 (one group); ``stem_group_channels`` is the group size the backbone uses
 for the stem plug-in (see :meth:`CE.stem_options`).
 """
+import copy
 from contextlib import nullcontext
 
 import torch
@@ -208,8 +209,7 @@ class CE(nn.Module):
                 f"eps={self.eps}, sync_stats={self.sync_stats}")
 
     def deploy(self):
-        """Inference form of the eval block: BD as a fixed grouped 1x1 conv (blocks.deploy.CEInference)."""
-        from .deploy import CEInference
+        """Inference form of the eval block: BD as a fixed grouped 1x1 conv (:class:`CEInference`)."""
         return CEInference(self)
 
     def _batch_stats(self, x, gram, sums_c, shift, var):
@@ -324,3 +324,45 @@ class CE(nn.Module):
             gain, a = self._gains(var, self.ir.running_scale.to(sdt), n)
             out = mix_nhwc(x3, a * self.running_wm.to(sdt), gain)
         return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+class CEInference(nn.Module):
+    """CE in eval (``CE.deploy()``): the BD matrix a * running_wm as a constant, IR's gains on its diagonal.
+
+    Per sample n, CE's eval output is W_n x with W_n = a P + diag((1 - a) y_n / s) per group
+    (a = sigmoid(theta), P = running_wm, s = running_scale, y_n = IR MLP of x_n's channel variances).
+    a P is fixed at eval and stored (``bd``, the weight of a grouped 1x1 conv); IR's part depends on
+    the sample, so W_n is built per sample and applied with one batched matmul, as CE does. A grouped
+    conv for a P plus a separate ``x * gain`` term was measured slower (one more activation-sized pass).
+    Statistics in float32 (float64 for float64 input) as in CE. Unlike CE's eval forward, which exports
+    right only through torch.export (torch.diag_embed has no ONNX op; a trace at a 1x1 map fixes
+    max(H*W - 1, 1)), every step here is an ONNX op and H*W - 1 comes from a tensor, so traced files
+    stay right at every input size.
+    """
+
+    def __init__(self, ce):
+        super().__init__()
+        g, d = ce.num_groups, ce.group_channels
+        self.channels, self.num_groups, self.group_channels = ce.channels, g, d
+        sdt = torch.float64 if ce.running_wm.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            a = torch.sigmoid(ce.theta.detach().to(sdt))
+            self.register_buffer("bd", (a * ce.running_wm.to(sdt)).clone())                 # (g, d, d)
+            self.register_buffer("ir_factor", ((1 - a) / ce.ir.running_scale.to(sdt)).clone())
+            self.register_buffer("eye", torch.eye(d, dtype=sdt))
+        self.ir = copy.deepcopy(ce.ir).eval()  # fc1 -> LayerNorm -> ReLU -> fc2 -> sigmoid
+        self.ir.requires_grad_(False)
+
+    def forward(self, x):
+        sdt = self.bd.dtype
+        xf = x.flatten(2)                                                     # (n, c, hw)
+        hw_minus_1 = torch.ones_like(xf[:1, :1], dtype=sdt).sum() - 1
+        var = torch.linalg.vector_norm(xf - xf.mean(2, keepdim=True, dtype=sdt), dim=2).square()
+        var = var / hw_minus_1.clamp_min(1)                                   # unbiased; biased at 1x1 as CE
+        gain = self.ir.gains(var.to(self.ir.fc1.weight.dtype)).to(sdt) * self.ir_factor
+        mix = self.bd + gain.unflatten(1, (self.num_groups, self.group_channels)).unsqueeze(-1) * self.eye
+        out = torch.matmul(mix.to(x.dtype), xf.unflatten(1, (self.num_groups, self.group_channels)))
+        return out.reshape(x.shape)                                          # contiguous NCHW
+
+    def extra_repr(self):
+        return f"{self.channels}, groups={self.num_groups}x{self.group_channels}"

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .deploy import swap_modules
+from .fusion import swap_modules
 from .registry import Option, register_conv
 
 __all__ = ["LWE", "WEConv2d", "fold_we"]

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, default_collate
 
+from core.exits import STOP_SIGNALS
 from core.fields import ConfigError
-from engine.watchdog import worker_beat
+from core.watchdog import worker_beat
 
 from .errors import DataError
 from .schema import resolve
@@ -80,9 +81,8 @@ class ShardSampler(Sampler):
         return iter(range(self.rank, self.size, self.world_size))
 
 
-# A stop is decided by the training process: torchrun, SLURM and a terminal's Ctrl-C signal whole
+# A stop (core.exits.STOP_SIGNALS) is decided by the training process: torchrun, SLURM and a terminal's Ctrl-C signal whole
 # process groups, and a loader worker that died of it would crash the trainer before it could save.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @atexit.register  # runs before multiprocessing's own exit hook, which would SIGTERM (ignored) and wait forever
@@ -111,7 +111,7 @@ def seed_worker(worker_id, split="train"):
 
 
 def collate_and_beat(split, collate, samples):
-    """``collate(samples)``, then tell the watchdog this worker made a batch (engine/watchdog.py)."""
+    """``collate(samples)``, then tell the watchdog this worker made a batch (core/watchdog.py)."""
     info = torch.utils.data.get_worker_info()
     if info is not None:
         worker_beat(split, info.id)

@@ -39,3 +39,14 @@ def from_tree(tree, overrides=(), where="config"):
 def load_config(path, overrides=()):
     """Read a run config file (with its ``_base_`` files), apply ``overrides`` and check it whole."""
     return from_tree(read_tree(path), overrides, where=os.path.relpath(path))
+
+
+def default_work_dir(config_path):
+    """``work_dirs/<path under configs/ without .yaml>`` (configs/imagenet/cenet/resnet50.yaml ->
+    work_dirs/imagenet/cenet/resnet50), so that recipes of the same file name never share a run; a config
+    outside any ``configs/`` folder gets ``work_dirs/<file name>``."""
+    parts = os.path.normpath(os.path.abspath(os.path.splitext(config_path)[0])).split(os.sep)
+    if "configs" in parts[:-1]:
+        last = len(parts) - 1 - parts[::-1].index("configs", 1)  # the innermost configs/ folder
+        return os.path.join("work_dirs", *parts[last + 1:])
+    return os.path.join("work_dirs", parts[-1])

@@ -1,22 +1,6 @@
-"""Preemption and non-finite-loss guards for the training loop, and the exit codes of tools/train.py.
+"""Preemption and non-finite-loss guards for the training loop.
 
-Exit codes (documented in docs/troubleshooting.md):
-
-====  ==================  ====================================================================
-code  name                meaning
-====  ==================  ====================================================================
-0     EXIT_OK             training finished
-1     EXIT_ERROR          unexpected error (a bug: the traceback is printed)
-2     EXIT_USAGE          bad config, override, path, checkpoint or dataset (one-line message)
-3     EXIT_NONFINITE      loss was nan/inf for more than ``train.max_nonfinite`` steps in a row,
-                          or the validation loss was nan/inf (that epoch is not saved)
-74    EXIT_IO             a checkpoint could not be written (disk full, permissions); EX_IOERR
-75    EXIT_PREEMPTED      SIGTERM/SIGUSR1/SIGINT received: a checkpoint of the current step was saved;
-                          run the same command again to resume (EX_TEMPFAIL: "try again")
-76    EXIT_PEER_LOST      another process or data worker of the run died (killed, out of memory),
-                          never joined, or made no progress for ``dist.watchdog_s`` (stopped, hung);
-                          nothing was saved after the last checkpoint: run the same command to resume
-====  ==================  ====================================================================
+Exit codes and stop signals live in ``core/exits.py`` (torch-free, shared with the launcher).
 
 Usage in a training loop::
 
@@ -39,17 +23,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from core.exits import STOP_SIGNALS
 from engine.logger import LOG_NAME
 
 log = logging.getLogger(LOG_NAME)  # rank 0 prints info; every rank warnings
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NONFINITE = 3
-EXIT_IO = 74
-EXIT_PREEMPTED = 75
-EXIT_PEER_LOST = 76
 
 
 def _dist_active():
@@ -77,7 +55,7 @@ class PreemptionGuard:
     Python cannot install handlers) the guard is inert and says so.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT), check_every=1, repeat_after=1.0):
+    def __init__(self, signals=STOP_SIGNALS, check_every=1, repeat_after=1.0):
         self.signals = tuple(s for s in signals if s is not None)
         self.check_every = max(1, int(check_every))
         self.repeat_after = repeat_after

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from engine.watchdog import RUN_DIR_ENV
+from core.watchdog import RUN_DIR_ENV
 
 
 def _rank():

@@ -189,7 +189,8 @@ def load_pretrained(t, spec, ignore):
     if err is not None:
         raise CheckpointError(err)
     path = path or resolve_checkpoint(spec)
-    report = load_weights(t.task.weights_target(t.model), path, ignore=tuple(ignore), new_head=True)
+    report = load_weights(t.task.weights_target(t.model), load_checkpoint(path), ignore=tuple(ignore), new_head=True,
+                          name=path)
     if t.ema is not None:
         t.ema = ModelEMA(t.model, t.ema.decay, t.ema.every)
     t.pretrained = (path, report)  # the trainer logs it once log.txt and metrics.jsonl exist

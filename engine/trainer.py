@@ -30,7 +30,8 @@ from core.config import Config, dump
 from engine.ema import ModelEMA
 from engine.evaluator import autocast_for
 from core.fields import ConfigError
-from engine.guard import EXIT_PEER_LOST, NonFiniteError, NonFiniteGuard
+from core.exits import EXIT_PEER_LOST
+from engine.guard import NonFiniteError, NonFiniteGuard
 from engine.lock import WorkDirBusy, WorkDirLock
 from engine.logger import RunLogger, setup_console
 from engine.meters import Throughput, format_eta
@@ -42,7 +43,7 @@ from engine.state import capture_rng_state, restore_rng_state, resume, seed_ever
 from engine.summary import run_summary
 from engine.syncbn import convert_sync_batchnorm
 from engine.threads import set_threads
-from engine.watchdog import RUN_DIR_ENV, Heartbeat
+from core.watchdog import RUN_DIR_ENV, Heartbeat
 
 
 class _ValidationStopped(Exception):
@@ -115,7 +116,7 @@ class Trainer:
             self.net = torch.compile(self.net, backend=tr.compile_backend)
             self.log.info("torch.compile, backend %s (the first steps include compilation)", tr.compile_backend)
         self.epoch = self.step = self.iter_in_epoch = 0
-        self.watch = Heartbeat("", self.dist.rank, 0)  # train() starts a real one (engine/watchdog.py)
+        self.watch = Heartbeat("", self.dist.rank, 0)  # train() starts a real one (core/watchdog.py)
         self._timed = (0.0, 0)  # training seconds and steps of this run, for the ETA
         self.best_metric = None
         self.rng_epoch_start = None
@@ -273,7 +274,7 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "checkpoint": self.ckpt.last_saved}
 
     def _start_watchdog(self):
-        """Start the heartbeat (engine/watchdog.py); alone (no tools/launch.py), this process also observes it.
+        """Start the heartbeat (core/watchdog.py); alone (no tools/launch.py), this process also observes it.
 
         Returns the run directory it created (to remove at the end), or None."""
         run_dir, own = os.environ.get(RUN_DIR_ENV), None

@@ -1,7 +1,7 @@
 """The inference form of a model: ``to_inference(model)`` (DESIGN.md, "Inference form").
 
 A copy of the model in eval mode where every module offering ``deploy()`` (WE convs, CE, ED; see
-``blocks.deploy``) is replaced by what it returns, and every BatchNorm2d fed only by a conv is folded
+``blocks.fusion``) is replaced by what it returns, and every BatchNorm2d fed only by a conv is folded
 into that conv (the BN becomes ``nn.Identity``). Which BN follows which conv is read from the
 model's dataflow (a torch.fx trace with the blocks as leaves), not guessed from module order; a
 pair is folded only where exact: the conv's output goes to that BN alone and both run once.
@@ -16,7 +16,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from blocks.deploy import fold_bn, swap_modules
+from blocks.fusion import fold_bn, swap_modules
 
 __all__ = ["to_inference", "deploy_blocks", "fold_conv_bn", "relative_error"]
 

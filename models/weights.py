@@ -138,7 +138,7 @@ def _trained_as(checkpoint):
 
 
 def load_weights(model, checkpoint, strict=True, source="auto", ignore=(), new_head=False, name=None, fix=None):
-    """Load ``checkpoint`` (a path or a loaded object) into ``model`` and return a :class:`LoadReport`.
+    """Load ``checkpoint`` (a loaded checkpoint or state dict; files are read by ``engine.checkpoint``) into ``model`` and return a :class:`LoadReport`.
 
     ``ignore``: glob patterns of model keys to leave as initialised (e.g. ``['fc.*']`` for a new
     classifier). ``new_head``: leave the classifier as initialised when the checkpoint's does not fit
@@ -146,10 +146,7 @@ def load_weights(model, checkpoint, strict=True, source="auto", ignore=(), new_h
     raises :class:`WeightsMismatchError`; without it the matching tensors load and the report says what did not.
     ``name``: the file a loaded ``checkpoint`` came from; ``fix``: the error's advice (default: fine-tuning's).
     """
-    name = checkpoint if isinstance(checkpoint, str) else (name or "<state dict>")
-    if isinstance(checkpoint, str):
-        from engine.checkpoint import load_checkpoint
-        checkpoint = load_checkpoint(checkpoint)
+    name = name or "<state dict>"
     state_dict, src = convert_state_dict(unwrap_state_dict(checkpoint), model, source)
     own = model.state_dict()
     report = LoadReport(source=src)

@@ -193,7 +193,7 @@ def test_ce_inference_equals_ce_eval_nchw_channels_last_and_1x1_maps():
 
 
 def test_fold_bn_grouped_transposed_conv():
-    from blocks.deploy import fold_bn
+    from blocks.fusion import fold_bn
     torch.manual_seed(0)
     conv = torch.nn.ConvTranspose2d(16, 32, 3, stride=2, padding=1, groups=4, bias=True).double()
     bn = trained_like(torch.nn.Sequential(torch.nn.BatchNorm2d(32))).double()[0]

@@ -181,7 +181,7 @@ def check_train_sh(args):
 @functools.lru_cache(maxsize=None)
 def work_dirs_made():
     """The work directories the documented ./train.sh commands (on any page) write."""
-    from engine.config import load_config
+    from engine.config import default_work_dir, load_config
     from tools import train
     made = set()
     for page in DOCS:
@@ -190,7 +190,7 @@ def work_dirs_made():
             if "./train.sh" in ws:
                 args = train.parse_args(train_sh_args(ws[ws.index("./train.sh") + 1:]))
                 cfg = load_config(os.path.join(ROOT, args.config), args.overrides)
-                made.add(cfg.runtime.work_dir or train.default_work_dir(args.config))
+                made.add(cfg.runtime.work_dir or default_work_dir(args.config))
     return frozenset(made)
 
 

@@ -125,7 +125,7 @@ def _report_as(rank, line, tmp_path, world=2):
 
 def test_without_the_launcher_a_non_zero_ranks_error_reaches_the_console_once(tmp_path):
     """torchrun/srun without tools/launch.py: only rank 0 used to print; rank 1's own error was lost."""
-    from engine.watchdog import RUN_DIR_ENV
+    from core.watchdog import RUN_DIR_ENV
     assert RUN_DIR_ENV == "BLOCKLAB_RUN_DIR"
     procs = [_report_as(r, "error: cannot read image P: truncated; replace it" if r else "error: lost contact with "
                         "rank 1", tmp_path) for r in (0, 1)]

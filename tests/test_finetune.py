@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.checkpoint import load_checkpoint
 from engine.config import from_tree
 from core.fields import ConfigError
 from engine.optim import group_lrs, lr_factor
@@ -248,7 +249,7 @@ def test_freezing_survives_a_pickled_whole_model_and_a_deepcopy(backbone):
 def test_head_loads_when_it_fits_and_is_reinitialised_when_absent(checkpoints):
     state = torch.load(checkpoints["ours"], weights_only=False)
     same = build_model({**CE20, "num_classes": 1000})
-    report = load_weights(same, checkpoints["ours"], new_head=True)
+    report = load_weights(same, load_checkpoint(checkpoints["ours"]), new_head=True)
     assert report.skipped == [] and report.summary() == f"all {report.loaded} tensors matched"
     assert torch.equal(same.fc.weight, state["model"]["fc.weight"])
     headless = {k: v for k, v in state["model"].items() if not k.startswith("fc.")}
@@ -256,8 +257,8 @@ def test_head_loads_when_it_fits_and_is_reinitialised_when_absent(checkpoints):
     assert report.skipped == ["fc.weight", "fc.bias"] and "fc.bias (classifier re-initialised: not in the " \
         "checkpoint, model [3])" in report.summary()
     with pytest.raises(WeightsMismatchError, match="2 of the wrong shape"):  # tools.test stays strict
-        load_weights(build_model({**CE20, "num_classes": 3}), checkpoints["ours"])
-    report = load_weights(build_model({**CE20, "num_classes": 1000}), checkpoints["ours"], new_head=True,
+        load_weights(build_model({**CE20, "num_classes": 3}), load_checkpoint(checkpoints["ours"]))
+    report = load_weights(build_model({**CE20, "num_classes": 1000}), load_checkpoint(checkpoints["ours"]), new_head=True,
                           ignore=("fc.*",))
     assert report.skipped == ["fc.weight", "fc.bias"] and "fc.weight (model.pretrained_ignore)" in report.summary()
 

@@ -1,4 +1,4 @@
-"""The watchdog (engine/watchdog.py): a stopped or hung rank or data worker ends the run in one line, exit 76."""
+"""The watchdog (core/watchdog.py): a stopped or hung rank or data worker ends the run in one line, exit 76."""
 import glob
 import json
 import os
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from engine.guard import EXIT_PEER_LOST, EXIT_PREEMPTED
-from engine.watchdog import find_stall
+from core.exits import EXIT_PEER_LOST, EXIT_PREEMPTED
+from core.watchdog import find_stall
 from tests.engine_helpers import ROOT, launch_env
 
 CONFIG = """model: {backbone: cifar_resnet20, num_classes: 4}

@@ -80,7 +80,7 @@ def train_steps(cfg, model, steps, batch):
 def check(config, overrides, steps=3, batch=2, out=print):
     """Run the check; returns the exit code. Raises core.fields.ConfigError for a refused config."""
     from engine.config import load_config
-    from engine.guard import EXIT_NONFINITE, EXIT_OK
+    from core.exits import EXIT_NONFINITE, EXIT_OK
     from engine.summary import describe_blocks
     from engine.threads import set_threads
     from models import build_model
@@ -134,7 +134,7 @@ def main(argv=None):
     p.add_argument("--batch", type=_positive, default=2, help="images per step (default 2; BatchNorm needs 2)")
     args = p.parse_args(argv)
     from core.fields import ConfigError
-    from engine.guard import EXIT_USAGE
+    from core.exits import EXIT_USAGE
     try:
         return check(args.config, args.overrides, args.steps, args.batch)
     except ConfigError as e:

@@ -284,7 +284,7 @@ def strike(kind, pid):
         os.killpg(pid, signal.SIGINT)  # started in its own session: its group is the terminal's foreground group
     elif kind == 'kill-rank':
         os.kill(rank_pid(pid, 1), signal.SIGKILL)
-    elif kind == 'stop-rank':  # the watchdog (engine/watchdog.py) must end the run in seconds, naming it
+    elif kind == 'stop-rank':  # the watchdog (core/watchdog.py) must end the run in seconds, naming it
         os.kill(rank_pid(pid, 1), signal.SIGSTOP)
     elif kind == 'stop-worker':
         rank1 = rank_pid(pid, 1)

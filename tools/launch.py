@@ -19,7 +19,7 @@ This launcher imports nothing heavy and:
   with 76 in one line; when processes exit with a code, prints each distinct
   error line the ranks left (engine/relay.py) once and exits with the code of
   the rank that failed first;
-* watches the processes' progress (engine/watchdog.py): when a rank or a data
+* watches the processes' progress (core/watchdog.py): when a rank or a data
   worker makes no progress for ``dist.watchdog_s``, kills the run and exits
   with 76 in one line naming the stalled process and the last step.
 
@@ -37,11 +37,10 @@ import sys
 import tempfile
 import time
 
+from core.exits import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, STOP_SIGNALS
 from engine.relay import read_errors
-from engine.watchdog import RUN_DIR_ENV, find_stall
+from core.watchdog import RUN_DIR_ENV, find_stall
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-EXIT_USAGE, EXIT_PREEMPTED, EXIT_PEER_LOST = 2, 75, 76  # engine/guard.py (not imported: it imports torch)
 GRACE_S = 30.0  # as torchrun: how long survivors of a dead rank get before they are killed
 
 

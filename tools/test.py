@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 
+from core.exits import EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, STOP_SIGNALS, StoppedBeforeStart, stop_now
 from engine.ownership import flatten
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -104,7 +105,7 @@ def result_path(args, cfg, ckpt_path):
     if os.path.basename(parent) == "checkpoints" and os.path.isfile(os.path.join(parent, "..", "config.yaml")):
         work_dir = os.path.dirname(parent)
     else:
-        from tools.train import default_work_dir
+        from engine.config import default_work_dir
         work_dir = cfg.runtime.work_dir or default_work_dir(args.config or ckpt_path)
     return os.path.join(work_dir, f"test_{name}.json")
 
@@ -191,13 +192,11 @@ class _Stop:
     evaluating, signum = False, None
 
     def handle(self, signum, frame):
-        from tools.train import stop_now
         if not self.evaluating:
             stop_now(signum, frame)
         self.signum = self.signum or signum
 
     def check(self, batch):
-        from tools.train import StoppedBeforeStart
         if self.signum is not None:
             raise StoppedBeforeStart(signal.Signals(self.signum).name)
 
@@ -206,15 +205,14 @@ _stop = _Stop()
 
 
 def run(argv=None):
-    from tools.train import SETUP_STOP_SIGNALS, StoppedBeforeStart
-    previous = {s: signal.signal(s, _stop.handle) for s in SETUP_STOP_SIGNALS}
+    previous = {s: signal.signal(s, _stop.handle) for s in STOP_SIGNALS}
     try:
         code = _run(argv)
     except StoppedBeforeStart as e:  # stop signals stay ignored: the process ends now
         if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":  # every rank got it
             print(f"stopped by {e.args[0]}: the evaluation was interrupted and wrote nothing; run the same command "
                   "again", file=sys.stderr, flush=True)
-        return 75  # engine.guard.EXIT_PREEMPTED
+        return EXIT_PREEMPTED
     for s, handler in previous.items():
         signal.signal(s, handler)
     return code
@@ -226,7 +224,6 @@ def _run(argv):
     from engine.checkpoint import CheckpointError, atomic_write
     from engine.config import load_config
     from core.fields import ConfigError
-    from engine.guard import EXIT_OK, EXIT_PEER_LOST, EXIT_USAGE
     from engine.relay import report_error
     from models.weights import WeightsMismatchError
     args = parse_args(argv)

@@ -5,7 +5,7 @@ The work directory defaults to ``work_dirs/<config path under configs/>``
 (e.g. ``work_dirs/imagenet/cenet/resnet50``); starting the
 same command again resumes from its latest checkpoint.
 
-Exit codes (engine/guard.py): 0 finished; 1 unexpected error (traceback);
+Exit codes (core/exits.py): 0 finished; 1 unexpected error (traceback);
 2 refused config/override/checkpoint/dataset or a work directory in use
 (one-line message, nothing written); 3 loss stayed nan/inf; 74 a checkpoint
 could not be written; 75 stopped by SIGTERM/SIGUSR1/SIGINT after saving: run
@@ -15,6 +15,9 @@ import argparse
 import os
 import signal
 import sys
+
+from core.exits import (EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, STOP_SIGNALS,
+                        StoppedBeforeStart, stop_now)
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -33,40 +36,9 @@ def parse_args(argv=None):
     return args
 
 
-def default_work_dir(config_path):
-    """``work_dirs/<path under configs/ without .yaml>`` (configs/imagenet/cenet/resnet50.yaml ->
-    work_dirs/imagenet/cenet/resnet50), so that recipes of the same file name never share a run; a config
-    outside any ``configs/`` folder gets ``work_dirs/<file name>``."""
-    parts = os.path.normpath(os.path.abspath(os.path.splitext(config_path)[0])).split(os.sep)
-    if "configs" in parts[:-1]:
-        last = len(parts) - 1 - parts[::-1].index("configs", 1)  # the innermost configs/ folder
-        return os.path.join("work_dirs", *parts[last + 1:])
-    return os.path.join("work_dirs", parts[-1])
-
-
-class StoppedBeforeStart(BaseException):
-    """A stop signal before the trainer's guard took over.
-
-    Not KeyboardInterrupt: CPython remembers a KeyboardInterrupt raised inside
-    exec'd source (dataclasses, namedtuple, torch's imports build classes that
-    way) and, run with ``-m``, kills itself with SIGINT at exit even though the
-    exception was caught, so the run would end with -2 instead of 75."""
-
-
-SETUP_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-def stop_now(signum, frame):
-    # the same stop arrives more than once (SLURM signals every process and the launcher forwards it):
-    # the first one stops the run, the others are ignored until the process has exited
-    for s in SETUP_STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    raise StoppedBeforeStart(signal.Signals(signum).name)
-
-
 def run(argv=None):
     # until the trainer's guard takes over, a stop signal ends the run in one line
-    previous = {s: signal.signal(s, stop_now) for s in SETUP_STOP_SIGNALS}
+    previous = {s: signal.signal(s, stop_now) for s in STOP_SIGNALS}
     stopped = False
     try:
         return _run(argv)
@@ -74,7 +46,7 @@ def run(argv=None):
         stopped = True
         if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
             print(f"stopped by {e.args[0]} before training started; nothing new to save", file=sys.stderr)
-        return 75  # engine.guard.EXIT_PREEMPTED (maybe not imported yet)
+        return EXIT_PREEMPTED
     finally:
         if not stopped:  # once stopped, stop signals stay ignored: the process ends now
             for s, handler in previous.items():
@@ -84,10 +56,9 @@ def run(argv=None):
 def _run(argv):
     from engine import distributed as du
     from engine.checkpoint import CheckpointError
-    from engine.config import load_config
+    from engine.config import default_work_dir, load_config
     from core.fields import ConfigError
-    from engine.guard import (EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE,
-                              NonFiniteError)
+    from engine.guard import NonFiniteError
     from engine.relay import report_error
     from data.errors import worker_lost
     args = parse_args(argv)
