@@ -35,7 +35,7 @@ EXPORTERS = ("onnxruntime", "torch.export", "torchscript")
 
 def exported(model, x, which, threads):
     """A callable running ``model`` exported as ``which`` and loaded back with its runtime."""
-    from tools.deploy import export_bytes, runner
+    from models.export import export_bytes, runner
     fmt = {"onnxruntime": "onnx", "torch.export": "export", "torchscript": "torchscript"}[which]
     data = export_bytes(model, x, fmt)
     if fmt != "onnx":

@@ -98,7 +98,7 @@ def forward_gmacs(model, input_size, batch_size):
     WE is counted folded (0 excitation work): an inference step runs none either, as WEConv2d caches
     its excited weight in eval without autograd. Training steps: :func:`train_step_flops`.
     """
-    from tools.flops import complexity
+    from analysis.flops import complexity
     _, one = complexity(model, input_size)
     _, two = complexity(_Twice(model), input_size)
     return one, one + (batch_size - 1) * (two - one)

@@ -23,7 +23,6 @@ import os
 import re
 import socket
 import tempfile
-import time
 import zipfile
 
 import numpy as np
@@ -33,9 +32,6 @@ from engine.integrity import is_sealed, seal, unseal, zip_crc_problem
 
 log = logging.getLogger(__name__)
 
-# Test hook for tools/fault_inject.py: seconds to sleep between writing the
-# temporary file and renaming it into place, so that a kill can land there.
-FAULT_SLEEP_ENV = 'BLOCKLAB_FAULT_SLEEP_IN_SAVE'
 CONVERT_HINT = 'python -m tools.convert_pickle --trust'
 
 
@@ -160,9 +156,6 @@ def atomic_write(path, write, fix='pick a writable runtime.work_dir'):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        delay = float(os.environ.get(FAULT_SLEEP_ENV) or 0)
-        if delay > 0:
-            time.sleep(delay)
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(directory)

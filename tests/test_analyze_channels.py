@@ -1,4 +1,4 @@
-"""tools.analyze_channels / tools.channel_stats: hook places on every backbone x block, dead channels, CLI."""
+"""tools.analyze_channels / analysis.channel_stats: hook places on every backbone x block, dead channels, CLI."""
 import json
 import math
 
@@ -10,7 +10,7 @@ from blocks.we import WEConv2d
 from models import build_model
 from models.resnet import BasicBlock, Bottleneck
 from tools import analyze_channels
-from tools.channel_stats import ChannelProbe
+from analysis.channel_stats import ChannelProbe
 
 CE = {"type": "ce", "stages": [1, 2, 3]}
 SE = {"type": "se", "reduction": 4}

@@ -279,12 +279,6 @@ def test_nonfinite_weights_are_not_saved(tmp_path):
     assert m.latest().endswith('step_0000001.pth')
 
 
-def test_fault_sleep_hook(tmp_path, monkeypatch):
-    monkeypatch.setenv(ck.FAULT_SLEEP_ENV, '0.01')
-    save_checkpoint(_state(1), tmp_path / 'a.pth')
-    assert load_checkpoint(tmp_path / 'a.pth')['epoch'] == 1
-
-
 # ----------------------------------------------------------------------------- work dir
 
 def test_check_writable(tmp_path):

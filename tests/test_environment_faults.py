@@ -143,7 +143,7 @@ def test_a_damaged_best_pth_is_restored_or_moved_aside_at_start(tmp_path):
     from engine.checkpoint_manager import CheckpointManager
     from engine.trainer import Trainer
     from tests.engine_helpers import tiny_cfg, tiny_model
-    from tools.fault_inject import flip_tensor_bit
+    from tests.fault_inject import flip_tensor_bit
     work = tmp_path / "w"
     Trainer(tiny_cfg(work, "runtime.keep_last=5"), tiny_model).train()
     ckpt = work / "checkpoints"

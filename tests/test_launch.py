@@ -106,7 +106,7 @@ def test_a_node_that_never_comes_fails_early_with_a_clear_message(tmp_path):
 def test_fault_inject_on_the_real_path(tmp_path):
     """SIGTERM to every process group (SLURM) and SIGKILL of a rank, through ./train.sh with 2 processes and
     2 data workers: exit 75 with the step saved, exit 76 with the previous checkpoint intact; resumed bit-identical."""
-    p = subprocess.run([sys.executable, "-m", "tools.fault_inject", "--real", "--strikes", "group-term,kill-rank",
+    p = subprocess.run([sys.executable, "-m", "tests.fault_inject", "--real", "--strikes", "group-term,kill-rank",
                         "--epochs", "1", "--work-dir", str(tmp_path)], cwd=ROOT, env=launch_env(), capture_output=True,
                        text=True, timeout=600)
     out = p.stdout + p.stderr

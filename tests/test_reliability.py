@@ -1,4 +1,4 @@
-"""engine/guard.py (preemption, nan/inf losses) and the quick fault-injection run of tools/fault_inject.py."""
+"""engine/guard.py (preemption, nan/inf losses) and the quick fault-injection run of tests/fault_inject.py."""
 import math
 import os
 import re
@@ -13,7 +13,7 @@ import torch
 from engine import guard
 from engine.checkpoint_manager import CheckpointManager
 from engine.guard import NonFiniteError, NonFiniteGuard, PreemptionGuard
-from tools.fault_inject import compare
+from tests.fault_inject import compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +85,7 @@ def test_compare_finds_a_one_ulp_difference():
 
 def test_quick_fault_injection(tmp_path):
     """3 SIGKILLs (one inside a checkpoint write) and a SIGTERM; resumed run is bit-identical."""
-    p = subprocess.run([sys.executable, '-m', 'tools.fault_inject', '--kills', '3', '--save-kills', '1',
+    p = subprocess.run([sys.executable, '-m', 'tests.fault_inject', '--kills', '3', '--save-kills', '1',
                         '--terms', '1', '--epochs', '1', '--train-size', '96', '--work-dir', str(tmp_path)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr

@@ -142,7 +142,7 @@ def markdown(agg, command, wall, seeds, val_images, train_s):
 
 
 def plot(agg, runs_by_variant, out, val_images):
-    from tools.figures import pyplot, save
+    from analysis.figures import pyplot, save
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, a in enumerate(agg):
@@ -171,7 +171,7 @@ def plot(agg, runs_by_variant, out, val_images):
 
 
 def main(argv=None):
-    from tools import analyze_channels, compare
+    from analysis import runs as compare
     args = parse_args(argv)
     start = time.time()
     os.makedirs(args.work_root, exist_ok=True)
@@ -191,8 +191,8 @@ def main(argv=None):
         work_dir = dirs[(variant, args.seeds[0])]
         pairs += [os.path.join(work_dir, "config.yaml"), os.path.join(work_dir, "checkpoints", "best.pth")]
     channel_dir = os.path.join(args.work_root, "channels")
-    if analyze_channels.main(pairs + ["--names", *args.variants, "--batches", str(args.batches),
-                                      "--out", channel_dir]) != 0:
+    if subprocess.run([sys.executable, "-m", "tools.analyze_channels", *pairs, "--names", *args.variants,
+                       "--batches", str(args.batches), "--out", channel_dir]).returncode != 0:
         raise SystemExit("error: the channel analysis failed (see above)")
     for png in ("cdf_stages.png", "inhibited_depth.png"):
         os.replace(os.path.join(channel_dir, png), os.path.join(args.out, png))

@@ -5,7 +5,7 @@
 
 Runs each model in eval mode over the validation split (``--batches`` batches at most;
 ``--set data.val_dir=train`` analyses the training images with the evaluation transform)
-with the hooks of :mod:`tools.channel_stats`, and reports per post-activation site:
+with the hooks of :mod:`analysis.channel_stats`, and reports per post-activation site:
 the per-channel mean magnitude after the ReLU, the fraction of exactly-zero outputs, the
 gamma of the norm before it, the *dead* channels (every output exactly zero) and the
 *inhibited* channels: mean magnitude below ``--threshold`` times the layer's mean channel
@@ -103,7 +103,7 @@ def stage_rows(rows):
 def analyze(model, dataset, transform, cfg, batches, batch_size, threshold, label="model"):
     """Run the hooks over ``batches`` batches; returns the report dict of one model."""
     import data as data_lib
-    from tools.channel_stats import ChannelProbe
+    from analysis.channel_stats import ChannelProbe
     loader = data_lib.build_loader(dataset, cfg.data, "val", batch_size, False, cfg.runtime.seed)
     probe = ChannelProbe(model)
     total = min(batches, len(loader))
@@ -166,7 +166,7 @@ def describe_block(b):
 def plot(reports, out_dir, threshold):
     import matplotlib.ticker
 
-    from tools.figures import pyplot, save
+    from analysis.figures import pyplot, save
     plt = pyplot()
     stages = sorted({r["stage"] for rep in reports.values() for r in rep["layers"]})
     cols = min(len(stages), 4)

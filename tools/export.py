@@ -22,7 +22,7 @@ import torch
 from engine.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from core.fields import ConfigError
 from engine.hub import REPO_ROOT, index_path, load_index, save_index
-from tools import zoo_table
+from engine import zoo_table
 
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
 
@@ -80,7 +80,7 @@ def check_and_measure(weights, config, overrides=(), input_size=None):
     from models import build_model
     from models.features import require_classifier
     from models.weights import load_weights
-    from tools.flops import complexity
+    from analysis.flops import complexity
     cfg = load_config(config, list(overrides))
     require_classifier(cfg.model, "a model-zoo entry (classification weights that ./test.sh evaluates)")
     model = build_model(cfg.model)

@@ -31,7 +31,7 @@ def load_exported(path):
     import torch
 
     from data.preprocess import Preprocessing
-    from tools.deploy import runner
+    from models.export import runner
     with open(path, "rb") as f:
         data = f.read()
     if path.endswith(".onnx"):

@@ -124,7 +124,7 @@ def measure(model_section, input_size, cache):
     """(params, GFLOPs) of a model section on the meta device; one count per distinct model."""
     import torch
     from models import build_model
-    from tools.flops import complexity
+    from analysis.flops import complexity
     key = json.dumps([model_section, input_size], sort_keys=True, default=str)
     if key not in cache:
         with torch.device("meta"):

@@ -65,7 +65,7 @@ def _run(argv):
     code, err = EXIT_OK, None
     try:
         if args.check:
-            from tools.check import check
+            from analysis.check import check
             return check(args.config, args.overrides)
         cfg = load_config(args.config, args.overrides)
         if cfg.runtime.work_dir is None:

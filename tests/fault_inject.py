@@ -1,7 +1,7 @@
 """Kill a small training run again and again, resume it each time, and check nothing was lost.
 
-    python -m tools.fault_inject                       # 20 SIGKILLs (6 in checkpoint writes, 2 in setup) + 2 SIGTERMs
-    python -m tools.fault_inject --kills 3 --save-kills 1 --terms 1 --epochs 1 --train-size 96  # tests
+    python -m tests.fault_inject                       # 20 SIGKILLs (6 in checkpoint writes, 2 in setup) + 2 SIGTERMs
+    python -m tests.fault_inject --kills 3 --save-kills 1 --terms 1 --epochs 1 --train-size 96  # tests
 
 1. Trains a tiny CIFAR ResNet-20 on synthetic 16x16 images on the CPU (deterministic,
    one thread, a checkpoint every 2 steps, EMA on, PCA lighting noise drawn from the
@@ -10,8 +10,9 @@
    log reaches the next of a set of random target steps spread over the whole run (plus
    a random fraction of a step); ``--setup-kills`` land during setup/resume instead.
    ``--save-kills`` of the SIGKILLs are aimed inside a checkpoint write: that child runs
-   with BLOCKLAB_FAULT_SLEEP_IN_SAVE, which holds ``atomic_write`` between fsyncing its
-   temporary file and renaming it, and the kill lands as soon as a temporary file
+   with its checkpoint renames held (``os.replace`` of a ``.pth`` waits ``--sleep-in-save``
+   seconds), so ``atomic_write`` pauses between fsyncing its temporary file and renaming
+   it, and the kill lands as soon as a temporary file
    appears. ``--terms`` starts are stopped with SIGTERM instead (they must save and
    exit 75). Each time the same command is started again and auto-resumes.
 3. After every kill, loads every checkpoint in the work directory (and the
@@ -38,8 +39,8 @@ tensor, ``truncate`` cuts the file to half its size in place. ``./test.sh`` on i
 must refuse it in one line (exit 2), and the next start must resume from the
 newest intact checkpoint and name the damaged one it skipped.
 
-    python -m tools.fault_inject --real                     # all strikes
-    python -m tools.fault_inject --real --strikes group-term,kill-rank --epochs 1   # tests
+    python -m tests.fault_inject --real                     # all strikes
+    python -m tests.fault_inject --real --strikes group-term,kill-rank --epochs 1   # tests
 """
 import os
 
@@ -58,12 +59,12 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from engine.checkpoint import FAULT_SLEEP_ENV, CheckpointError, load_checkpoint  # noqa: E402
+from engine.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from engine.checkpoint_manager import CheckpointManager  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP_DONE = 'world size'  # the trainer logs this line once built and resumed, before the first step
-CONFIG = """# written by tools/fault_inject.py
+CONFIG = """# written by tests/fault_inject.py
 model: {{backbone: cifar_resnet20, num_classes: 4}}
 data:
   dataset: synthetic
@@ -82,8 +83,20 @@ dist: {{watchdog_s: 10}}   # the stop-rank/stop-worker strikes: a stall ends the
 
 # ----------------------------------------------------------------------------- child runs
 
-def start(config, work_dir, log_path, env=None):
-    """Fork a child that runs ``tools.train`` on ``config``; returns its pid."""
+def hold_renames(seconds):
+    """In this process, hold every rename onto a ``.pth`` for ``seconds``: a kill can then land inside a
+    checkpoint write, after its temporary file is written and before it is renamed into place."""
+    rename = os.replace
+
+    def held(src, dst, *args, **kwargs):
+        if os.fspath(dst).endswith('.pth'):
+            time.sleep(seconds)
+        return rename(src, dst, *args, **kwargs)
+    os.replace = held
+
+
+def start(config, work_dir, log_path, hold_s=0.0):
+    """Fork a child that runs ``tools.train`` on ``config`` (checkpoint renames held ``hold_s``); returns its pid."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -94,7 +107,8 @@ def start(config, work_dir, log_path, env=None):
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        os.environ.update(env or {})
+        if hold_s:
+            hold_renames(hold_s)
         torch.set_num_threads(1)
         from tools.train import run
         code = run([config, f'runtime.work_dir={work_dir}'])
@@ -518,10 +532,9 @@ def main(argv=None):
     rc = None
     for i, kind in enumerate(plan + ['finish']):
         stats['attempts'] += 1
-        env = {FAULT_SLEEP_ENV: str(args.sleep_in_save)} if kind == 'save' else {}
         log = os.path.join(root, 'logs', f'attempt_{i:02d}_{kind}.log')
         begin = time.time()
-        pid = start(config, run_dir, log, env)
+        pid = start(config, run_dir, log, args.sleep_in_save if kind == 'save' else 0.0)
         if kind == 'finish':
             rc = wait(pid)
             break
