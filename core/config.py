@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import yaml
 
-from core.fields import ConfigError, Field, refuse_non_finite
+from core.fields import ConfigError, Field
 from core.names import did_you_mean
 
 BASE_KEY = "_base_"

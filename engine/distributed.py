@@ -180,12 +180,6 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def all_reduce_max(tensor):
-    if is_dist():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
-
-
 def broadcast_object(obj, src=0):
     """``obj`` from rank ``src`` on every rank."""
     if not is_dist():

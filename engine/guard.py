@@ -2,16 +2,9 @@
 
 Exit codes and stop signals live in ``core/exits.py`` (torch-free, shared with the launcher).
 
-Usage in a training loop::
-
-    with PreemptionGuard() as preempt:
-        for step ...:
-            loss = ...
-            if not nonfinite.step_ok(loss, step):   # all ranks agree; skip the update
-                optimizer.zero_grad(set_to_none=True); continue
-            ...
-            if preempt.should_stop():               # all ranks agree on the same step
-                manager.save(state, f'step_{step}'); sys.exit(EXIT_PREEMPTED)
+``PreemptionGuard`` turns stop signals into a flag; ``engine.preempt.StopAgreement`` makes all ranks
+agree on the step to stop at. ``NonFiniteGuard.step_ok(loss, step)`` skips an update whose loss is
+nan/inf (all ranks agree) and stops the run after too many in a row.
 """
 import logging
 import math
@@ -43,8 +36,8 @@ def _reduce_device():
 class PreemptionGuard:
     """Turn SIGTERM / SIGUSR1 / SIGINT (cluster preemption, ``scancel``, SLURM ``--signal``, Ctrl-C) into a flag.
 
-    The handlers only set a flag; the loop polls :meth:`should_stop` once per step,
-    saves a checkpoint of the current step and exits with :data:`EXIT_PREEMPTED`.
+    The handlers only set a flag (:attr:`requested`); the loop polls it through
+    ``engine.preempt.StopAgreement``, saves a checkpoint of the current step and exits with 75.
     Once stopping, a SIGINT (Ctrl-C again) arriving more than ``repeat_after``
     seconds after the first signal restores the default action and re-raises it
     (stop now: the atomic save keeps earlier checkpoints intact). Repeated
@@ -55,15 +48,12 @@ class PreemptionGuard:
     Python cannot install handlers) the guard is inert and says so.
     """
 
-    def __init__(self, signals=STOP_SIGNALS, check_every=1, repeat_after=1.0):
+    def __init__(self, signals=STOP_SIGNALS, repeat_after=1.0):
         self.signals = tuple(s for s in signals if s is not None)
-        self.check_every = max(1, int(check_every))
         self.repeat_after = repeat_after
         self.signum = None
         self._first = None
         self._previous = {}
-        self._calls = 0
-        self._stop = False
         self._announced = False
 
     @property
@@ -109,26 +99,6 @@ class PreemptionGuard:
     def __exit__(self, *exc):
         self.uninstall()
         return False
-
-    def should_stop(self):
-        """True when this process or (in distributed runs) any rank got a signal.
-
-        Distributed: every ``check_every`` calls all ranks all-reduce the flag, so
-        they stop at the same step (call it on every rank, at the same place).
-        Once True it stays True.
-        """
-        if self._stop:
-            return True
-        self._calls += 1
-        local = self.requested
-        if _dist_active():
-            if self._calls % self.check_every:
-                return False
-            flag = torch.tensor([1.0 if local else 0.0], device=_reduce_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            local = bool(flag.item() > 0)
-        self._stop = local
-        return local
 
 
 class NonFiniteError(RuntimeError):

@@ -7,6 +7,7 @@ import pytest
 from engine.trainer import Trainer
 from models import build_model
 from tests.engine_helpers import run_train_sh, tiny_cfg
+from analysis import runs as run_reader
 from tools import compare
 
 CE = "model.plugins=[{type: ce, position: after_norm, stages: [1, 2, 3]}]"
@@ -28,26 +29,26 @@ def runs(tmp_path_factory):
 
 
 def test_resumed_run_reads_like_the_uninterrupted_one(runs):
-    whole, resumed = compare.read_run(str(runs / "ce")), compare.read_run(str(runs / "ce_resumed"))
+    whole, resumed = run_reader.read_run(str(runs / "ce")), run_reader.read_run(str(runs / "ce_resumed"))
     lines = (runs / "ce_resumed" / "metrics.jsonl").read_text().splitlines()
     assert sum('"step": 6' in line and '"train"' in line for line in lines) == 2   # step 6 was logged twice
     assert [r["step"] for r in resumed.train] == [r["step"] for r in whole.train]
     assert [r["loss"] for r in resumed.train] == [r["loss"] for r in whole.train]   # exact resume, later record wins
-    a, b = compare.summarize(whole, "a"), compare.summarize(resumed, "b")
+    a, b = run_reader.summarize(whole, "a"), run_reader.summarize(resumed, "b")
     for key in ("best_top1", "best_top5", "final_top1", "epochs", "gflops", "params_m"):
         assert a[key] == b[key], key
 
 
 def test_rows(runs):
-    plain = compare.summarize(compare.read_run(str(runs / "plain")), "plain")
-    ce = compare.summarize(compare.read_run(str(runs / "ce")), "ce")
-    unfinished = compare.summarize(compare.read_run(str(runs / "ce_unfinished")), "u")
+    plain = run_reader.summarize(run_reader.read_run(str(runs / "plain")), "plain")
+    ce = run_reader.summarize(run_reader.read_run(str(runs / "ce")), "ce")
+    unfinished = run_reader.summarize(run_reader.read_run(str(runs / "ce_unfinished")), "u")
     cfg = tiny_cfg(runs / "x", "model.backbone=cifar_resnet20", CE).model
     assert ce["params_m"] == pytest.approx(sum(p.numel() for p in build_model(cfg).parameters()) / 1e6)
     assert ce["gflops"] > plain["gflops"] > 0   # CE's Gram/Newton/mixing work is counted
     assert (plain["blocks"], ce["blocks"]) == ("none", "ce")
     assert (ce["epochs"], ce["planned_epochs"], unfinished["epochs"]) == (2, 2, 1.5)
-    val = [r for r in compare.read_run(str(runs / "ce")).val]
+    val = [r for r in run_reader.read_run(str(runs / "ce")).val]
     assert ce["best_top1"] == max(r["top1"] for r in val) and ce["final_top1"] == val[-1]["top1"]
     assert ce["top5_err"] == pytest.approx(100 - max(r["top5"] for r in val))
     assert ce["train_img_s"] > 0 and ce["train_time_s"] > 0
@@ -69,11 +70,11 @@ def test_cli_writes_table_csv_and_plots(runs, tmp_path, capsys):
 
 
 def test_same_names_get_paths(tmp_path):
-    assert compare.run_names(["a/x", "b/x", "c/y"]) == ["a/x", "b/x", "y"]
+    assert run_reader.run_names(["a/x", "b/x", "c/y"]) == ["a/x", "b/x", "y"]
 
 
 def test_describe_blocks():
-    assert compare.describe_blocks({"conv": {"type": "we", "lwe": True, "mwe": False},
+    assert run_reader.describe_blocks({"conv": {"type": "we", "lwe": True, "mwe": False},
                                     "plugins": [{"type": "ed"}, {"type": "se"}]}) == "we(lwe)+ed+se"
 
 
@@ -115,7 +116,7 @@ runtime: {{device: cpu, work_dir: {tmp_path / 'run'}, log_interval: 1, tensorboa
 """)
     p = run_train_sh(cfg, 2, cwd=tmp_path)
     assert p.returncode == 0, p.out
-    row = compare.summarize(compare.read_run(str(tmp_path / "run")), "run", flops=False)
+    row = run_reader.summarize(run_reader.read_run(str(tmp_path / "run")), "run", flops=False)
     assert (row["epochs"], row["planned_epochs"]) == (2, 2)
     assert compare.main([str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--no-flops"]) == 0
     assert "| 2/2 |" in (tmp_path / "out" / "runs.md").read_text()

@@ -221,7 +221,7 @@ def test_bn_not_folded_when_the_conv_output_is_used_twice():
 # ----------------------------------------------------------------------------- exports
 def _onnx_runner(model, x, dynamic=True):
     ort = pytest.importorskip("onnxruntime")
-    from tools.deploy import export_bytes
+    from models.export import export_bytes
     session = ort.InferenceSession(export_bytes(model, x, "onnx", dynamic), providers=["CPUExecutionProvider"])
     return lambda z: torch.from_numpy(session.run(None, {"input": z.numpy()})[0])
 
@@ -249,7 +249,7 @@ ROUND_TRIP_SIZES = ((2, 32, 32), (3, 40, 40), (2, 36, 48), (2, 33, 27))
 def round_trip_errors(cfg, fmt, sizes=ROUND_TRIP_SIZES, onnx_exporter="legacy"):
     """Relative errors vs eager eval of ``cfg``'s inference form exported (dynamic) at ``sizes[0]`` as
     tools.deploy does and run back by the format's runtime at each of ``sizes``."""
-    from tools.deploy import export_bytes, runner
+    from models.export import export_bytes, runner
     model = build(cfg)
     xs = [torch.randn(n, 3, h, w) for n, h, w in sizes]
     run = runner(export_bytes(to_inference(model), xs[0], fmt, dynamic=True, onnx_exporter=onnx_exporter), fmt)
@@ -349,7 +349,8 @@ def test_deploy_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     from tools import deploy
     ckpt, out = _checkpoint(tmp_path), tmp_path / "m.pt"
     out.write_bytes(b"previous")
-    real = deploy.runner
+    from models import export
+    real = export.runner
     monkeypatch.setattr(deploy, "runner", lambda data, fmt: (lambda x, run=real(data, fmt): run(x) * 1.01))
     rc, err = _main([CE_CONFIG, ckpt, "--format", "torchscript", "--out", str(out)], capsys)
     assert rc == 1 and "differ from eager eval" in err and "nothing written" in err
@@ -423,7 +424,7 @@ def test_deploy_a_features_only_backbone(tmp_path, fmt, export_worker):
     assert (export_worker(deploy_in_worker, argv) if fmt == "export" else deploy_in_worker(argv)) == 0
     if fmt == "export":
         return  # torch.export.load here would break later forked tests (module doc); the worker's deploy checked it
-    from tools.deploy import runner
+    from models.export import runner
     model = build_model(load_config(str(config), ["model.features_only=true", "model.out_indices=[1,2,3,4]"]).model)
     model.load_state_dict({k: v for k, v in torch.load(ckpt, weights_only=True)["model"].items()
                            if not k.startswith("fc.")})

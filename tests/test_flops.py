@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from models import build_model
-from tools.flops import complexity, ednet_count
+from analysis.flops import complexity, ednet_count
 
 
 def tiny():

@@ -9,7 +9,8 @@ import yaml
 from engine import hub
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.hub import HubError, resolve_checkpoint
-from tools import zoo_table
+from engine import zoo_table
+from tools import zoo_table as zoo_table_tool
 
 
 def _weights(tmp_path, name='net', value=1.0):
@@ -163,7 +164,7 @@ def test_zoo_table_render(tmp_path):
     assert zoo_table.in_sync(index)
     hub.save_index({}, index)
     assert not zoo_table.in_sync(index)
-    assert zoo_table.main(['--index', index, '--check']) == 1
+    assert zoo_table_tool.main(['--index', index, '--check']) == 1
 
 
 # ----------------------------------------------------------------------------- export round trip

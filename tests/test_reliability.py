@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from engine import guard
+from core import exits
 from engine.checkpoint_manager import CheckpointManager
 from engine.guard import NonFiniteError, NonFiniteGuard, PreemptionGuard
 from tests.fault_inject import compare
@@ -19,21 +19,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_exit_codes_are_distinct_and_documented():
-    codes = {n: getattr(guard, n) for n in dir(guard) if n.startswith('EXIT_')}
+    codes = {n: getattr(exits, n) for n in dir(exits) if n.startswith('EXIT_')}
     assert codes == {'EXIT_OK': 0, 'EXIT_ERROR': 1, 'EXIT_USAGE': 2, 'EXIT_NONFINITE': 3, 'EXIT_IO': 74,
                      'EXIT_PREEMPTED': 75, 'EXIT_PEER_LOST': 76}
     for name, code in codes.items():
-        assert f'{code:<4}  {name}' in guard.__doc__
+        assert f'{code:<4}  {name}' in exits.__doc__
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_preemption_guard_sets_a_flag_and_restores_handlers(sig):
     before = signal.getsignal(sig)
     with PreemptionGuard() as g:
-        assert not g.should_stop()
+        assert not g.requested
         os.kill(os.getpid(), sig)
-        assert g.requested and g.should_stop() and g.signum == sig
-        assert g.should_stop()  # stays set
+        assert g.requested and g.signum == sig
+        assert g.requested  # stays set
     assert signal.getsignal(sig) == before
 
 
