@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.fields import ConfigError
+
 CONVERTERS = ("cenet", "ednet", "werepo")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "ema_state_dict")
 PREFIXES = ("module.", "_orig_mod.")
@@ -69,6 +71,17 @@ class LoadReport:
             was = f"checkpoint {list(ckpt)}" if ckpt is not None else "not in the checkpoint"
             out.append(f"{key} (classifier re-initialised: {was}, model {list(own)})")
         return out + [f"{key} (model.pretrained_ignore)" for key in self.ignored]
+
+
+def checkpoint_weights(checkpoint, ema=False, name="the checkpoint"):
+    """What to load from a loaded checkpoint: the checkpoint itself (:func:`load_weights` unwraps it) or,
+    with ``ema``, the EMA model's weights a training checkpoint keeps beside the model's."""
+    if not ema:
+        return checkpoint
+    kept = checkpoint.get("ema") if isinstance(checkpoint, dict) else None
+    if isinstance(kept, dict) and isinstance(kept.get("module"), dict):
+        return kept["module"]
+    raise ConfigError(f"{name} holds no EMA weights (train.ema was off); drop --ema")
 
 
 def unwrap_state_dict(obj):

@@ -92,17 +92,13 @@ def load_model(args):
     from engine.config import load_config
     from engine.hub import resolve_checkpoint
     from models import build_model
-    from models.weights import WeightsMismatchError, load_weights
+    from models.weights import WeightsMismatchError, checkpoint_weights, load_weights
     cfg = load_config(args.config, args.cfg_options)
     model = build_model(cfg.model)
     state = load_checkpoint(resolve_checkpoint(args.checkpoint))
     classes = state.get("classes") if isinstance(state, dict) else None
-    if args.ema:
-        if not (isinstance(state, dict) and isinstance(state.get("ema"), dict)):
-            raise DeployError(f"{args.checkpoint} holds no EMA weights; drop --ema")
-        state = state["ema"]["module"]
     try:
-        report = load_weights(model, state)
+        report = load_weights(model, checkpoint_weights(state, args.ema, args.checkpoint))
     except WeightsMismatchError as exc:
         raise DeployError(f"checkpoint {args.checkpoint}: {str(exc).replace('weights in <state dict> ', '', 1)}") from None
     return cfg, model.float().eval(), report, classes

@@ -46,16 +46,8 @@ def _pairs(items, what):
 
 def extract_weights(state, ema=False):
     """The model (or EMA) state dict of a training checkpoint, prefixes stripped, on CPU."""
-    from models.weights import unwrap_state_dict
-    if ema:
-        e = state.get('ema') if isinstance(state, dict) else None
-        if isinstance(e, dict) and isinstance(e.get('module'), dict):
-            e = e['module']
-        if not e:
-            raise ExportError('checkpoint has no EMA weights (train.ema was off); export without --ema')
-        sd = unwrap_state_dict(e)
-    else:
-        sd = unwrap_state_dict(state['model'] if isinstance(state, dict) and 'model' in state else state)
+    from models.weights import checkpoint_weights, unwrap_state_dict
+    sd = unwrap_state_dict(checkpoint_weights(state, ema))
     return collections.OrderedDict((k, v.detach().cpu().contiguous().clone()) for k, v in sd.items())
 
 

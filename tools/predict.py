@@ -51,18 +51,14 @@ def load_checkpoint_model(path, config=None, ema=False):
     from engine.config import from_tree, load_config
     from core.fields import ConfigError
     from models import build_model
-    from models.weights import load_weights
+    from models.weights import checkpoint_weights, load_weights
     state = load_checkpoint(path)
     if config is None and not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
         raise ConfigError(f"{path} holds no config (not a blocklab training checkpoint); pass --config CONFIG")
     cfg = load_config(config) if config else from_tree(state["config"])
     classes = state.get("classes") if isinstance(state, dict) else None
-    if ema:
-        if not (isinstance(state, dict) and isinstance(state.get("ema"), dict)):
-            raise ConfigError(f"{path} holds no EMA weights; drop --ema")
-        state = state["ema"]["module"]
     model = build_model(cfg.model)
-    load_weights(model, state)
+    load_weights(model, checkpoint_weights(state, ema, path))
     return Preprocessing.from_config(cfg.data, classes), model.float().eval()
 
 

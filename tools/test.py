@@ -125,7 +125,7 @@ def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None, r
     from engine.hub import resolve_checkpoint
     from engine.tasks import build_task
     from engine.threads import set_threads
-    from models.weights import load_weights
+    from models.weights import checkpoint_weights, load_weights
     task = build_task(cfg)
     info = du.init_distributed(cfg.dist, cfg.runtime.device)
     set_threads(cfg.runtime.threads)  # as training: runtime.threads, OMP_NUM_THREADS, or cores per process
@@ -148,13 +148,7 @@ def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None, r
         path = path or resolve_checkpoint(spec)
     model = task.build_model(cfg.model)
     full = state if state is not None else load_checkpoint(path)
-    weights = full
-    if ema:
-        if not (isinstance(full, dict) and isinstance(full.get("ema"), dict)):
-            from core.fields import ConfigError
-            raise ConfigError(f"{path} holds no EMA weights; drop --ema")
-        weights = full["ema"]["module"]
-    report = load_weights(model, weights, name=path, fix=fix)
+    report = load_weights(model, checkpoint_weights(full, ema, path), name=path, fix=fix)
     model.to(info.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
