@@ -1,85 +1,17 @@
 """Channel Equilibrium (CE) block.
 
 Shao, Tang, Pan, Tan, Wang, Luo, "Channel Equilibrium Networks for Learning Deep
-Representation", ICML 2020 (arXiv:2003.00214), section "Channel Equilibrium (CE) Block";
-matches the released code, Tangshitao/CENet ``devkit/ops/CE_module.py`` (classes ``CE``
-and ``AdaptiveReweight``) and its use in ``imagenet/models/resnet_v1_ce.py``.
+Representation", ICML 2020 (arXiv:2003.00214); matches the released code, Tangshitao/CENet
+``devkit/ops/CE_module.py`` (``CE``, ``AdaptiveReweight``) as used in ``resnet_v1_ce.py``.
 
-For an input X of shape (N, C, H, W), CE returns
+    CE(X) = sigmoid(theta) * BD(X) + (1 - sigmoid(theta)) * IR(X),   theta initialised to 0,
 
-    CE(X) = sigmoid(theta) * BD(X) + (1 - sigmoid(theta)) * IR(X),   theta initialised to 0.
-
-BD, batch decorrelation. Channels are split into g = C / G consecutive groups of G
-channels (G = ``group_channels``, halved until it divides C, e.g. C=24, G=16 -> 8; logged).
-Per group, over the m = N*H*W positions of the batch (training):
-
-    Sigma   = eps * I + Xc Xc^T / m           (Xc = X minus its batch mean, per channel)
-    Sigma_N = Sigma / tr(Sigma)
-    P_0 = I,  P_{k+1} = 1.5 P_k - 0.5 P_k^3 Sigma_N   for k < T (T = ``newton_iters``)
-    BD(X)   = P_T X
-
-Like the original, (i) BD multiplies the *uncentred* X (the batch mean only enters Sigma),
-(ii) P_T approximates Sigma_N^{-1/2}, not Sigma^{-1/2} (no sqrt(tr) rescaling as in
-IterNorm), (iii) with ``pooling=True`` Sigma and the mean come from a 2x2/stride-2 max-pooled
-X but Sigma is still divided by the *unpooled* m. In eval, P_T is replaced by the running
-whitening matrix ``running_wm`` (momentum average of P_T, identity at start). The running
-mean ``running_mean`` is tracked as in the original but, as there, never used in forward.
-
-IR, instance reweighting (``AdaptiveReweight`` in the code; "adaptive instance inverse" in the
-first version of the paper). Per sample n and channel c, v_nc is the unbiased variance of X over
-H*W, then
-
-    y_n   = sigmoid(FC2(ReLU(LayerNorm(FC1(v_n)))))   FC1: C -> C/r, FC2: C/r -> C, no biases, r=4
-    s     = sqrt(mean_{n,c} v_nc)                    (a scalar; running value in eval)
-    IR(X) = (y_nc / s) * X_nc                        (uncentred X again)
-
-Both branches are linear in X per sample, so the block applies one per-sample block-diagonal
-matrix W_n = sigmoid(theta) P_T + (1 - sigmoid(theta)) diag(y_n / s) to each group with one
-batched matmul (no loop over groups). The statistics come from per-sample Gram matrices and
-sums of X minus its per-sample channel mean (a constant shift: the covariance and variances do
-not depend on it, so gradients stay exact), which keeps float32 accurate for channels whose mean
-is large against their spread. That centred copy is written once, transposed to (M, d) per
-row of d channels, and is the only activation-sized tensor kept for backward: with it the Gram
-matrix and the gradient of W_n are non-transposed bmm's (X X^T with a long inner dimension is
-several times slower on CPU). The gradient flows, as in the original, through Sigma, the
-Newton steps, the batch mean and s; the two terms of the gradient wrt X (through W_n and through
-the statistics) are summed in place in one buffer rather than by autograd (about 7% less CE time).
-On channels_last input the same block runs on the NHWC layout itself (``ce_ops.MixNHWC``): the
-d channels of a group are contiguous per pixel, so the scatter, the BD product (A x, A = a P_T,
-shared by the samples) and its gradients are bmm's over the g groups of strided (N*H*W, d) rows,
-and IR's per-sample part is a broadcast multiply; no NCHW copy of the input, output or gradients.
-
-Where this code deliberately differs from the original:
-* the running buffers are ordinary (not expanded) tensors, so in-place updates work on current
-  PyTorch; updates happen under ``no_grad``;
-* ``running_scale`` starts at 1, not 0, so eval before any training step gives finite output
-  (the original divides by zero); after k steps the two differ by 0.9^k of their gap;
-* statistics, LayerNorm/FC of IR and the Newton iteration run in float32 whatever the input
-  dtype or autocast state; the output matmul runs in (and returns) the input dtype;
-* H*W == 1 uses the biased variance (the original's unbiased one is NaN there) and the mean
-  variance under s is floored at ``eps``, so s >= sqrt(eps) ~ 3e-3 (the original divides by zero
-  when no sample varies over H*W, e.g. on 1x1 maps; a floor of s at eps itself made IR's gain
-  ~2.5e4 there, outputs beyond float16's 65504 and NaN losses); equal to the original whenever
-  the mean variance exceeds eps;
-* a batch with non-finite statistics leaves the running buffers unchanged (an fp16 step that
-  GradScaler skips must not poison them);
-* ``reduction`` is exposed (the original hard-codes 4) and FC1 has at least one output;
-* ``momentum`` drives both running averages (the original's ``AdaptiveReweight`` keeps 0.1
-  whatever CE's momentum; the defaults agree);
-* ``group_channels`` defaults to 16, what every block of resnet_v1_ce.py passes (the
-  class's own default, 64, is used there only for the stem: ``stem_group_channels``);
-* the original's unused ``num_groups``/``dim`` arguments are not offered.
-
-Distributed training: the original computes all statistics per GPU (no all-reduce; rank 0's
-running buffers are what it saves), which is our default (``sync_stats=False``; DDP's default
-buffer broadcast keeps rank 0's buffers too). ``sync_stats=True`` all-reduces the channel
-sums, variance sum and counts, then the scatter matrices about the global mean, across ranks
-when torch.distributed is initialised, differentiably (like SyncBatchNorm): every rank then
-uses the statistics of the global batch.
-
-Placement (resnet_v1_ce.py): after bn3 of every bottleneck of stages 1-3 with G=16, and after
-the stem BN with G=64 (one group); ``stem_group_channels`` is the group size the backbone uses
-for the stem plug-in (see :meth:`CE.stem_options`).
+with BD the batch decorrelation (Newton iterations towards Sigma_N^-1/2 over groups of
+``group_channels`` channels; the running whitening matrix in eval) and IR the instance
+reweighting (an MLP of each sample's channel variances). Both are linear in X per sample, so
+the block applies one block-diagonal matrix per sample with one batched matmul (``ce_ops``).
+docs/ce.md gives the computation, the NHWC path, distributed statistics and every place this
+code deliberately differs from the original, with the reason.
 """
 import copy
 from contextlib import nullcontext
