@@ -1,4 +1,4 @@
-"""The inference form of a model: ``to_inference(model)`` (DESIGN.md, "Inference form").
+"""The inference form of a model: ``to_inference(model)`` (docs/deployment.md explains it).
 
 A copy of the model in eval mode where every module offering ``deploy()`` (WE convs, CE, ED; see
 ``blocks.fusion``) is replaced by what it returns, and every BatchNorm2d fed only by a conv is folded
