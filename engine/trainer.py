@@ -52,14 +52,27 @@ class _ValidationStopped(Exception):
 
 class Trainer:
     def __init__(self, cfg, model_fn=None):
-        import data as data_lib
+        """Build the run in named steps; nothing is written into the work directory until the last one."""
         from engine.tasks import build_task
         self.cfg = cfg if isinstance(cfg, Config) else Config(cfg)
-        cfg, rt, tr = self.cfg, self.cfg.runtime, self.cfg.train
-        if rt.work_dir is None:
+        if self.cfg.runtime.work_dir is None:
             raise ConfigError("runtime.work_dir is not set; pass runtime.work_dir=DIR")
-        self.task = task = build_task(self.cfg)
-        self.work_dir = rt.work_dir
+        self.task = build_task(self.cfg)
+        self.work_dir = self.cfg.runtime.work_dir
+        threads = self._setup_processes()
+        self._build_data()
+        self._build_model(model_fn or self.task.build_model)
+        self._init_state()
+        self._resume()
+        self._claim_work_dir()
+        self.runlog = RunLogger(self.work_dir, self.dist.is_main, self.cfg.runtime.tensorboard)
+        for line in run_summary(self, threads):
+            self.log.info("%s", line)
+        self._log_pretrained()
+
+    def _setup_processes(self):
+        """Process group, console, threads, per-process batch and seeds; returns the thread count."""
+        cfg, rt, tr = self.cfg, self.cfg.runtime, self.cfg.train
         self.dist = du.init_distributed(cfg.dist, rt.device)
         self.log = setup_console(self.dist.rank)
         threads = set_threads(rt.threads)
@@ -71,8 +84,13 @@ class Trainer:
         self.accum = tr.accum_steps
         self.amp = tr.amp
         seed_everything(rt.seed, rt.deterministic, rt.cudnn_benchmark)
+        return threads
 
-        # data
+    def _build_data(self):
+        """Datasets, loaders and the device-side transforms; the step counts of the schedule."""
+        import data as data_lib
+        cfg, rt, tr, task = self.cfg, self.cfg.runtime, self.cfg.train, self.task
+        world = self.dist.world_size
         self.train_set, self.val_set = task.build_dataset("train"), task.build_dataset("val")
         dist_on = self.dist.distributed
         self.train_loader = data_lib.build_loader(self.train_set, cfg.data, "train", self.batch, dist_on, rt.seed)
@@ -88,9 +106,11 @@ class Trainer:
                               f"train.batch_size={tr.batch_size}; lower train.batch_size")
         self.total_steps = tr.epochs * self.iters_per_epoch
 
-        # model (same initial weights on every rank and for every world size), optimizer, EMA
-        if model_fn is None:
-            model_fn = task.build_model
+    def _build_model(self, model_fn):
+        """Model (same initial weights on every rank and for every world size), optimizer, schedule, scaler, EMA,
+        and the module the steps run (``self.net``: DDP and/or compiled around ``self.model``)."""
+        cfg, rt, tr = self.cfg, self.cfg.runtime, self.cfg.train
+        dist_on = self.dist.distributed
         torch.manual_seed(rt.seed)
         model = model_fn(cfg.model)
         if dist_on and tr.sync_bn:
@@ -115,6 +135,10 @@ class Trainer:
         if tr.compile:
             self.net = torch.compile(self.net, backend=tr.compile_backend)
             self.log.info("torch.compile, backend %s (the first steps include compilation)", tr.compile_backend)
+
+    def _init_state(self):
+        """Counters, the stop agreement, the checkpoint manager and the guards of a run that has not started."""
+        rt, tr = self.cfg.runtime, self.cfg.train
         self.epoch = self.step = self.iter_in_epoch = 0
         self.watch = Heartbeat("", self.dist.rank, 0)  # train() starts a real one (core/watchdog.py)
         self._timed = (0.0, 0)  # training seconds and steps of this run, for the ETA
@@ -125,7 +149,11 @@ class Trainer:
         self.nonfinite = None if tr.max_nonfinite is None else NonFiniteGuard(tr.max_nonfinite, self.ckpt)
         self.lock = WorkDirLock(self.work_dir)
         self.pretrained = None  # (path, models.weights.LoadReport) when model.pretrained initialised this run
-        resumed = self.ckpt.read_pointer()
+
+    def _resume(self):
+        """Check the work dir holds a run of this recipe, then load the checkpoint to continue from (if any)."""
+        cfg, rt = self.cfg, self.cfg.runtime
+        self._resumed_pointer = self.ckpt.read_pointer()
         changed = check_owner(self.work_dir, cfg.to_dict(), bool(self.ckpt.candidates()),
                               allow=rt.resume_mismatch == "allow")
         if changed:
@@ -133,7 +161,10 @@ class Trainer:
                              describe_diff(changed, limit=len(changed)))
         resume(self)
 
-        # only now write into the work directory: rank 0 locks it first (the others learn whether it worked)
+    def _claim_work_dir(self):
+        """Only now write into the work directory: rank 0 checks space, locks it and writes the config;
+        the other ranks learn whether that worked."""
+        cfg, rt = self.cfg, self.cfg.runtime
         err = None
         if self.dist.is_main:
             try:
@@ -143,7 +174,7 @@ class Trainer:
                                       "checkpoints/best.pth", "checkpoints/best.json"),
                                dirs=("checkpoints",) + (("tb",) if rt.tensorboard else ()))
                 self.lock.acquire()
-                if self.ckpt.read_pointer() != resumed:
+                if self.ckpt.read_pointer() != self._resumed_pointer:
                     raise WorkDirBusy(f"work_dir {self.work_dir} got a new checkpoint while this run was starting "
                                       "(another run just stopped?); run the same command again to resume from it")
                 dump(cfg, os.path.join(self.work_dir, "config.yaml"))
@@ -160,10 +191,6 @@ class Trainer:
         err = self.stop.broadcast(err)
         if err is not None:
             raise (WorkDirBusy if err[0] == "busy" else CheckpointError)(err[1])
-        self.runlog = RunLogger(self.work_dir, self.dist.is_main, rt.tensorboard)
-        for line in run_summary(self, threads):
-            self.log.info("%s", line)
-        self._log_pretrained()
 
     SHM = "/dev/shm"
 
