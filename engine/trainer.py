@@ -145,7 +145,7 @@ class Trainer:
         self.best_metric = None
         self.rng_epoch_start = None
         self.stop = StopAgreement()
-        self.ckpt = CheckpointManager(self.work_dir, keep_last=rt.keep_last, metric_name=cfg.eval.best_metric)
+        self.ckpt = CheckpointManager(self.work_dir, keep_last=rt.keep_last, metric_name=self.cfg.eval.best_metric)
         self.nonfinite = None if tr.max_nonfinite is None else NonFiniteGuard(tr.max_nonfinite, self.ckpt)
         self.lock = WorkDirLock(self.work_dir)
         self.pretrained = None  # (path, models.weights.LoadReport) when model.pretrained initialised this run
