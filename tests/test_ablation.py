@@ -14,7 +14,7 @@ TINY = ["data.dataset=synthetic", "data.synthetic.train_size=32", "data.syntheti
 def test_ablation_trains_compares_and_analyses(tmp_path):
     out, root = tmp_path / "out", tmp_path / "runs"
     assert ablation.main(["--variants", "resnet20", "ce_resnet20", "--seeds", "0", "1", "--batches", "1",
-                          "--work-root", str(root), "--out", str(out), "--set", *TINY]) == 0
+                          "--work-root", str(root), "--out", str(out), *TINY]) == 0
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["run"] for r in rows) == ["ce_resnet20_s0", "ce_resnet20_s1", "resnet20_s0", "resnet20_s1"]

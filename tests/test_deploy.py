@@ -420,7 +420,7 @@ def test_deploy_a_features_only_backbone(tmp_path, fmt, export_worker):
     ckpt = _checkpoint(tmp_path, str(config), "cls.pth")  # a classification checkpoint of the same backbone
     out = tmp_path / f"det.{fmt}"
     argv = [str(config), ckpt, "--format", fmt, "--out", str(out), "--dynamic", "--input-size", "96",
-            "--cfg-options", "model.features_only=true", "model.out_indices=[1,2,3,4]"]
+            "model.features_only=true", "model.out_indices=[1,2,3,4]"]
     assert (export_worker(deploy_in_worker, argv) if fmt == "export" else deploy_in_worker(argv)) == 0
     if fmt == "export":
         return  # torch.export.load here would break later forked tests (module doc); the worker's deploy checked it

@@ -221,7 +221,7 @@ def test_export_roundtrip(tmp_path, capsys):
     capsys.readouterr()
     # a features-only model is not a zoo entry (it was exported, sized without its head, before)
     assert export.main([str(ckpt), '--name', 'x', '--config', str(config), '--index', index,
-                        '--cfg-options', 'model.features_only=true']) == 2
+                        'model.features_only=true']) == 2
     assert 'needs a classifier: set model.features_only=false' in capsys.readouterr().err
     assert list(yaml.safe_load(open(index))['models']) == ['tiny_r20']
     assert not [p for p in (tmp_path / 'zoo').rglob('x-*')]

@@ -1,7 +1,7 @@
 """The laptop ablation: ResNet-20 on the embedded digits data, plain vs CE / ED / SE / WE, several seeds.
 
     python -m tools.ablation                      # 5 variants x 3 seeds, about 15 minutes on 2 CPU cores
-    python -m tools.ablation --seeds 0 1 --variants resnet20 ce_resnet20 --set train.epochs=4
+    python -m tools.ablation train.epochs=4 --seeds 0 1 --variants resnet20 ce_resnet20
 
 Trains every ``configs/ablation/<variant>.yaml`` once per seed (``python -m tools.train``,
 ``--jobs`` at a time, work dirs ``<work-root>/<variant>_s<seed>``; a finished run is not trained again, an
@@ -32,13 +32,13 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="configs/ablation/<name>.yaml to run")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     p.add_argument("--work-root", default="work_dirs/ablation", help="parent of the runs' work dirs")
     p.add_argument("--out", default="docs/ablation", help="where the table and figures go")
     p.add_argument("--batches", type=int, default=6, help="validation batches for the channel analysis")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="trainings at once, each with cpu_count / jobs threads (default %(default)s)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     missing = [v for v in args.variants if not os.path.isfile(os.path.join(CONFIG_DIR, v + ".yaml"))]
     if missing:
         p.error(f"no {CONFIG_DIR}/{missing[0]}.yaml; variants: {', '.join(sorted(VARIANTS))}")
@@ -176,7 +176,7 @@ def main(argv=None):
     start = time.time()
     os.makedirs(args.work_root, exist_ok=True)
     dirs = {(v, s): os.path.join(args.work_root, f"{v}_s{s}") for v in args.variants for s in args.seeds}
-    train_all([(os.path.join(CONFIG_DIR, v + ".yaml"), d, s) for (v, s), d in dirs.items()], args.set, args.jobs)
+    train_all([(os.path.join(CONFIG_DIR, v + ".yaml"), d, s) for (v, s), d in dirs.items()], args.overrides, args.jobs)
     runs = {key: compare.read_run(d) for key, d in dirs.items()}
     rows = []
     for (variant, seed), run in runs.items():

@@ -1,10 +1,10 @@
 """Inhibited-channel analysis: what BN+ReLU leaves dead and what each block does about it.
 
-    python -m tools.analyze_channels CONFIG CHECKPOINT [CONFIG CHECKPOINT ...] [--names A B ...]
-        [--batches 20] [--batch-size 64] [--threshold 0.01] [--set key=value ...] [--out DIR]
+    python -m tools.analyze_channels CONFIG CHECKPOINT [CONFIG CHECKPOINT ...] [key=value ...] [--names A B ...]
+        [--batches 20] [--batch-size 64] [--threshold 0.01] [--out DIR]
 
 Runs each model in eval mode over the validation split (``--batches`` batches at most;
-``--set data.val_dir=train`` analyses the training images with the evaluation transform)
+``data.val_dir=train`` analyses the training images with the evaluation transform)
 with the hooks of :mod:`analysis.channel_stats`, and reports per post-activation site:
 the per-channel mean magnitude after the ReLU, the fraction of exactly-zero outputs, the
 gamma of the norm before it, the *dead* channels (every output exactly zero) and the
@@ -34,15 +34,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pairs", nargs="+", metavar="CONFIG CHECKPOINT",
-                   help="configs and checkpoints (path, model-zoo name or URL), in pairs")
+                   help="configs and checkpoints (path, model-zoo name or URL), in pairs; then key=value config "
+                   "overrides for every model")
     p.add_argument("--names", nargs="+", help="a label per model (default: the config file names)")
     p.add_argument("--batches", type=int, default=20, help="batches of the validation set to run (default 20)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--threshold", type=float, default=0.01,
                    help="inhibited: mean magnitude below this times the layer's mean (default 0.01)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every model")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    args.overrides = [a for a in args.pairs if "=" in a and not os.path.exists(a)]
+    args.pairs = [a for a in args.pairs if a not in args.overrides]
     if len(args.pairs) % 2:
         p.error("give CONFIG CHECKPOINT pairs (an odd number of paths was given)")
     if args.names and len(args.names) != len(args.pairs) // 2:
@@ -210,7 +212,7 @@ def main(argv=None):
     loaded = []
     for config, checkpoint in pairs:   # every model loads before anything runs or is written
         try:
-            loaded.append(load(config, checkpoint, args.set))
+            loaded.append(load(config, checkpoint, args.overrides))
         except (ConfigError, CheckpointError, WeightsMismatchError, OSError) as e:
             print(f"error: {config} + {checkpoint}: {e}", file=sys.stderr)
             return 2

@@ -1,8 +1,7 @@
 """Deploy a checkpoint: build its inference form, export it, and check the file against eager eval.
 
-    python -m tools.deploy CONFIG CHECKPOINT --format onnx|torchscript|export --out FILE
+    python -m tools.deploy CONFIG CHECKPOINT [key=value ...] --format onnx|torchscript|export --out FILE
         [--input-size N] [--batch N] [--dynamic] [--ema] [--onnx-exporter legacy|dynamo]
-        [--cfg-options k=v ...]
 
 CHECKPOINT is anything tools.test accepts (our checkpoints, zoo weights, torchvision and the original
 repositories' files; a path, zoo name or URL), loaded with ``weights_only=True``. Steps:
@@ -20,7 +19,7 @@ repositories' files; a path, zoo name or URL), loaded with ``weights_only=True``
    spatial sizes, odd ones included, with ``--dynamic``): each must be within 1e-4 relative
    (max |diff| / max |eager|).
 
-A features-only model (``--cfg-options model.features_only=true model.out_indices=[...]``) exports
+A features-only model (``model.features_only=true model.out_indices=[...]``) exports
 its maps: ONNX outputs ``feature_0``, ``feature_1``, ..., a dict from TorchScript and torch.export;
 each map is checked.
 
@@ -54,6 +53,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Export a checkpoint's inference form and check it against eager eval.")
     p.add_argument("config", help="YAML config the checkpoint was trained with")
     p.add_argument("checkpoint", help="checkpoint path, model-zoo name or URL")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (YAML values)")
     p.add_argument("--format", required=True, help="onnx, torchscript or export (torch.export .pt2)")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--input-size", type=int, default=None, help="export input side (default: data.input_size)")
@@ -61,8 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (checked at other sizes)")
     p.add_argument("--ema", action="store_true", help="deploy the EMA weights of a training checkpoint")
     p.add_argument("--onnx-exporter", default="legacy", help="legacy (default) or dynamo")
-    p.add_argument("--cfg-options", nargs="+", default=[], metavar="K=V", help="config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def check_args(args):
@@ -93,7 +92,7 @@ def load_model(args):
     from engine.hub import resolve_checkpoint
     from models import build_model
     from models.weights import WeightsMismatchError, checkpoint_weights, load_weights
-    cfg = load_config(args.config, args.cfg_options)
+    cfg = load_config(args.config, args.overrides)
     model = build_model(cfg.model)
     state = load_checkpoint(resolve_checkpoint(args.checkpoint))
     classes = state.get("classes") if isinstance(state, dict) else None

@@ -1,8 +1,10 @@
 """Export a training checkpoint to the model zoo: weights only, hash-named, indexed.
 
-    python -m tools.export work_dirs/ce_resnet50/checkpoints/best.pth --name ce_resnet50 \\
+    python -m tools.export work_dirs/ce_resnet50/checkpoints/best.pth [key=value ...] --name ce_resnet50 \\
         --config configs/imagenet/cenet/ce_resnet50.yaml --metrics top1=77.9 top5=93.9 \\
-        [--ema] [--published top1=78.1] [--url-prefix https://host/zoo/] [--force] [--cfg-options k=v ...]
+        [--ema] [--published top1=78.1] [--url-prefix https://host/zoo/] [--force]
+
+Config overrides (``key=value``) come right after the checkpoint, before ``--metrics``/``--published``.
 
 Writes ``model_zoo/weights/<name>-<sha256[:8]>.pth`` (a plain state dict, no
 optimizer, EMA weights with ``--ema``), checks that it loads strictly into the
@@ -129,6 +131,7 @@ def export(checkpoint, name, config, metrics=None, published=None, ema=False, ur
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('checkpoint', help='training checkpoint (e.g. WORK_DIR/checkpoints/best.pth)')
+    p.add_argument('overrides', nargs='*', metavar='key=value', help='config overrides, e.g. data.input_size=256')
     p.add_argument('--name', required=True, help='zoo name, e.g. ce_resnet50')
     p.add_argument('--config', required=True, help='the YAML config the weights belong to')
     p.add_argument('--metrics', nargs='+', metavar='K=V', help='measured metrics, e.g. top1=77.9 top5=93.9')
@@ -140,13 +143,11 @@ def main(argv=None):
     p.add_argument('--input-size', type=int, help="GFLOPs input size (default: the config's data.input_size)")
     p.add_argument('--notes', help='one line shown under the table')
     p.add_argument('--force', action='store_true', help='replace an existing entry of the same name')
-    p.add_argument('--cfg-options', nargs='+', default=[], metavar='K=V',
-                   help='config overrides, e.g. data.input_size=256')
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         entry = export(args.checkpoint, args.name, args.config, _pairs(args.metrics, 'metrics') if args.metrics
                        else None, _pairs(args.published, 'published'), args.ema, args.url_prefix, args.out_dir,
-                       args.index, args.force, args.cfg_options, args.input_size, args.notes)
+                       args.index, args.force, args.overrides, args.input_size, args.notes)
     except (ExportError, CheckpointError, ConfigError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
