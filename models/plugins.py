@@ -66,21 +66,20 @@ def unique_name(host, base):
     return name
 
 
+def _add(host, spec, channels, options, name):
+    module = spec.cls(channels, **options)
+    module._blocklab_plugin = spec  # truthy; says which config entry made it
+    name = unique_name(host, name)
+    host.add_module(name, module)
+    return name
+
+
 def attach(host, specs, stage, channels, position, prefix=""):
     """Create the blocks of ``specs`` that apply at (stage, position) as submodules of ``host``.
 
     Returns their attribute names in config order (the host's forward applies them in turn).
     """
-    names = []
-    for spec in specs:
-        if not spec.applies(stage, position):
-            continue
-        module = spec.cls(channels, **spec.options)
-        module._blocklab_plugin = spec  # truthy; says which config entry made it
-        name = unique_name(host, prefix + spec.type)
-        host.add_module(name, module)
-        names.append(name)
-    return names
+    return [_add(host, s, channels, s.options, prefix + s.type) for s in specs if s.applies(stage, position)]
 
 
 def attach_stem(host, specs, channels):
@@ -89,18 +88,8 @@ def attach_stem(host, specs, channels):
     A block class may adapt its options to the stem with a ``stem_options(**options)``
     classmethod (CE uses one group of ``stem_group_channels`` there, as CENet does).
     """
-    names = []
-    for spec in specs:
-        if spec.stem:
-            options = spec.options
-            if hasattr(spec.cls, "stem_options"):
-                options = spec.cls.stem_options(**options)
-            module = spec.cls(channels, **options)
-            module._blocklab_plugin = spec
-            name = unique_name(host, "stem_" + spec.type)
-            host.add_module(name, module)
-            names.append(name)
-    return names
+    return [_add(host, s, channels, s.cls.stem_options(**s.options) if hasattr(s.cls, "stem_options") else s.options,
+                 "stem_" + s.type) for s in specs if s.stem]
 
 
 def branch_width(specs, width, stage, groups=1, host="bottleneck"):
