@@ -27,7 +27,7 @@ from blocks.ed import ED
 from blocks.se import SE
 from blocks.we import WEConv2d
 from models.mobilenetv2 import SETTINGS, ConvNormAct, InvertedResidual
-from models.resnet import BasicBlock, Bottleneck
+from models.resnet import Bottleneck, ResidualBlock
 
 
 @dataclass
@@ -108,11 +108,11 @@ class ChannelProbe:
             self._site("stem", 0, modules["relu"], modules["bn1"])
         for name, m in modules.items():
             stage = stage_of(name, stage_map)
-            if isinstance(m, BasicBlock):
+            if isinstance(m, ResidualBlock):
                 inner = ("bn1", "bn2") if isinstance(m, Bottleneck) else ("bn1",)
                 for bn in inner:
                     self._site(f"{name}.{bn}", stage, getattr(m, bn), getattr(m, bn), relu=True)
-                last = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+                last = m.last_norm
                 self._site(f"{name}.out", stage, m, last)
                 self._branch_hooks(name, m, last)
             elif isinstance(m, ConvNormAct):

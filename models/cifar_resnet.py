@@ -8,8 +8,8 @@ subsampling), giving its parameter counts (ResNet-20: 0.27M, ResNet-110: 1.7M);
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import FeatureInfo, FeaturesMixin
-from .finetune import FinetuneMixin
+from .backbone import Backbone
+from .features import FeatureInfo
 from .plugins import attach_stem, init_backbone
 from .resnet import BasicBlock, ResNet, kaiming_init
 
@@ -26,14 +26,15 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
 
-class CifarResNet(FinetuneMixin, FeaturesMixin, nn.Module):
+class CifarResNet(Backbone):
     """Features: 0 the stem after its activation (16 channels, stride 1), 1-3 layer1-3 (strides 1, 2, 4)."""
 
     places = ("after_norm", "parallel", "stem")
     num_stages = 3
-    head_prefix = "fc."  # the classifier's keys: re-initialised when fine-tuning to another class count
     stem_halvings, stage_halvings = 0, (0, 1, 2)  # stride-2 steps before each place (map side ~ input / 2^k)
     stem_and_stages = ResNet.stem_and_stages  # the same layout: conv1, bn1, stem plug-ins, layer1..
+    _stem = ResNet._stem
+    forward_head = ResNet.forward_head
 
     def __init__(self, depth, conv, specs=(), num_classes=10, shortcut="A", in_chans=3):
         super().__init__()
@@ -66,12 +67,6 @@ class CifarResNet(FinetuneMixin, FeaturesMixin, nn.Module):
             for i, c in enumerate((16, 32, 64), start=1)])
         init_backbone(self, kaiming_init)
 
-    def _stem(self, x):
-        x = self.bn1(self.conv1(x))
-        for name in self.stem_plugins:
-            x = getattr(self, name)(x)
-        return self.relu(x)
-
     def forward_features(self, x):
         return self.layer3(self.layer2(self.layer1(self._stem(x))))
 
@@ -81,10 +76,6 @@ class CifarResNet(FinetuneMixin, FeaturesMixin, nn.Module):
     def _after_features(self, last):
         return [f"layer{i}" for i in range(last + 1, 4)] + ["avgpool", "fc"]
 
-    def forward(self, x):
-        if self.out_indices is not None:
-            return self.forward_stages(x)
-        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))
 
 
 def build_cifar_resnet(name, conv, specs, num_classes, **kwargs):

@@ -9,8 +9,8 @@ its shortcuts are linear bottlenecks present only in some blocks.
 """
 import torch.nn as nn
 
-from .features import FeatureInfo, FeaturesMixin
-from .finetune import FinetuneMixin
+from .backbone import Backbone
+from .features import FeatureInfo
 from .plugins import attach, attach_stem, init_backbone
 
 # t (expansion), c (channels), n (repeats), s (first stride), paper Table 2
@@ -75,7 +75,7 @@ def mbv2_init(m):
         nn.init.zeros_(m.bias)
 
 
-class MobileNetV2(FinetuneMixin, FeaturesMixin, nn.Module):
+class MobileNetV2(Backbone):
     """Features as timm numbers them: the last block before each stride-2 stage and the last block
     (``features.1/3/6/13/17``: 16, 24, 32, 96, 320 channels at width 1, strides 2, 4, 8, 16, 32);
     the 1280-channel head conv is part of the classifier here.
@@ -131,10 +131,8 @@ class MobileNetV2(FinetuneMixin, FeaturesMixin, nn.Module):
         return [f"features.{j}" for j in range(self._feature_ends[last] + 1, len(self.features))] + \
             ["avgpool", "classifier"]
 
-    def forward(self, x):
-        if self.out_indices is not None:
-            return self.forward_stages(x)
-        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+    def forward_head(self, x):
+        return self.classifier(self.avgpool(x).flatten(1))
 
 
 def build_mobilenet_v2(name, conv, specs, num_classes, **kwargs):

@@ -7,12 +7,31 @@ its last norm (CE, SE) and a parallel path from the shortcut output (ED).
 """
 import torch.nn as nn
 
-from .features import FeatureInfo, FeaturesMixin
-from .finetune import FinetuneMixin
+from .backbone import Backbone
+from .features import FeatureInfo
 from .plugins import attach, attach_stem, branch_width, init_backbone
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """A residual block with two plug-in places: after the branch's last norm (``after_norm``, applied in
+    turn) and beside the branch on the block's input (``parallel``, added). Subclasses define ``branch``
+    and ``last_norm``."""
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.branch(x)
+        for name in self.after_norm:
+            out = getattr(self, name)(out)
+        for name in self.parallel:
+            out = out + getattr(self, name)(identity)
+        return self.relu(out + identity)
+
+    def zero_init_last(self):
+        """Start as the identity: the last norm's scale at 0 (torchvision's ``zero_init_residual``)."""
+        nn.init.zeros_(self.last_norm.weight)
+
+
+class BasicBlock(ResidualBlock):
     expansion = 1
 
     def __init__(self, conv, inplanes, planes, stride, downsample, specs, stage,
@@ -30,25 +49,20 @@ class BasicBlock(nn.Module):
         self.after_norm = attach(self, specs, stage, planes, "after_norm")
         self.parallel = attach(self, specs, stage, planes, "parallel")
 
+    @property
+    def last_norm(self):
+        return self.bn2
+
     def branch(self, x):
         return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.branch(x)
-        for name in self.after_norm:
-            out = getattr(self, name)(out)
-        for name in self.parallel:
-            out = out + getattr(self, name)(identity)
-        return self.relu(out + identity)
 
-
-class Bottleneck(BasicBlock):
+class Bottleneck(ResidualBlock):
     expansion = 4
 
     def __init__(self, conv, inplanes, planes, stride, downsample, specs, stage,
                  groups=1, base_width=64):
-        nn.Module.__init__(self)
+        super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         width = branch_width(specs, width, stage, groups)
         out = planes * self.expansion
@@ -62,6 +76,10 @@ class Bottleneck(BasicBlock):
         self.downsample = downsample
         self.after_norm = attach(self, specs, stage, out, "after_norm")
         self.parallel = attach(self, specs, stage, out, "parallel")
+
+    @property
+    def last_norm(self):
+        return self.bn3
 
     def branch(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -77,7 +95,7 @@ def kaiming_init(m):
         nn.init.zeros_(m.bias)
 
 
-class ResNet(FinetuneMixin, FeaturesMixin, nn.Module):
+class ResNet(Backbone):
     """ImageNet ResNet/ResNeXt; any input size (adaptive pooling).
 
     Features (``feature_info``, timm's numbering): 0 the stem after its activation (64 channels,
@@ -90,7 +108,6 @@ class ResNet(FinetuneMixin, FeaturesMixin, nn.Module):
 
     places = ("after_norm", "parallel", "stem")
     num_stages = 4
-    head_prefix = "fc."  # the classifier's keys: re-initialised when fine-tuning to another class count
     stem_halvings, stage_halvings = 1, (2, 3, 4, 5)  # stride-2 steps before each place (map side ~ input / 2^k)
 
     def __init__(self, block, layers, conv, specs=(), num_classes=1000, groups=1, width_per_group=64,
@@ -114,8 +131,8 @@ class ResNet(FinetuneMixin, FeaturesMixin, nn.Module):
         init_backbone(self, kaiming_init)
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, BasicBlock):
-                    nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+                if isinstance(m, ResidualBlock):
+                    m.zero_init_last()
         if zero_init_bias:  # ED-Net's init (ed_resnet.py:107-108): every bias 0, the fc's and plug-ins' too
             for name, p in self.named_parameters():
                 if name.rsplit(".", 1)[-1] == "bias":
@@ -157,10 +174,8 @@ class ResNet(FinetuneMixin, FeaturesMixin, nn.Module):
     def _after_features(self, last):
         return ([] if last else ["maxpool"]) + [f"layer{i}" for i in range(last + 1, 5)] + ["avgpool", "fc"]
 
-    def forward(self, x):
-        if self.out_indices is not None:
-            return self.forward_stages(x)
-        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))
+    def forward_head(self, x):
+        return self.fc(self.avgpool(x).flatten(1))
 
 
 ARCHS = {

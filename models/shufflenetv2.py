@@ -17,8 +17,8 @@ stride-1 unit has no shortcut to add a path to, its other half is concatenated.
 import torch
 import torch.nn as nn
 
-from .features import FeatureInfo, FeaturesMixin
-from .finetune import FinetuneMixin
+from .backbone import Backbone
+from .features import FeatureInfo
 from .mobilenetv2 import ConvNormAct
 from .plugins import attach, attach_stem
 
@@ -78,14 +78,13 @@ class ShuffleUnit(nn.Module):
         return channel_shuffle(out, 2)
 
 
-class ShuffleNetV2(FinetuneMixin, FeaturesMixin, nn.Module):
+class ShuffleNetV2(Backbone):
     """Features: 0 ``conv1`` (24 channels, stride 2), 1-3 the outputs of ``stage2-4`` (strides 8, 16, 32);
     ``conv5`` (the 1x1 head conv) is part of the classifier here, as MobileNetV2's last conv.
     """
 
     places = ("after_norm", "stem")
     num_stages = len(REPEATS)
-    head_prefix = "fc."  # the classifier's keys: re-initialised for another class count
     stem_halvings, stage_halvings = 1, (3, 4, 5)  # stride-2 steps before each place (map side ~ input / 2^k)
 
     def __init__(self, conv, specs=(), num_classes=1000, widths=WIDTHS["shufflenet_v2_x1_0"], in_chans=3):
@@ -120,10 +119,8 @@ class ShuffleNetV2(FinetuneMixin, FeaturesMixin, nn.Module):
     def _after_features(self, last):
         return ([] if last else ["maxpool"]) + [f"stage{k + 1}" for k in range(last + 1, 4)] + ["conv5", "fc"]
 
-    def forward(self, x):
-        if self.out_indices is not None:
-            return self.forward_stages(x)
-        return self.fc(self.forward_features(x).mean((2, 3)))
+    def forward_head(self, x):
+        return self.fc(x.mean((2, 3)))
 
 
 def build_shufflenet_v2(name, conv, specs, num_classes, **kwargs):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from blocks.we import WEConv2d
 from models import build_model
-from models.resnet import BasicBlock, Bottleneck
+from models.resnet import Bottleneck, ResidualBlock
 from tools import analyze_channels
 from analysis.channel_stats import ChannelProbe
 
@@ -22,7 +22,7 @@ BACKBONES = [("resnet18", {"groups": 8}, 32), ("resnet50", {}, 32), ("resnext50_
 
 
 def _expected_sites(model):
-    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
     if blocks:   # stem ReLU + inner norm-ReLUs + block outputs
         return 1 + sum(3 if isinstance(b, Bottleneck) else 2 for b in blocks)
     from models.mobilenetv2 import ConvNormAct

@@ -147,3 +147,27 @@ def test_weights_of_another_architecture_are_refused_with_the_exact_keys():
         load_weights(model, torchvision.models.resnet34().state_dict(), ignore=["fc.*"])
     partial = load_weights(model, torchvision.models.resnet34().state_dict(), strict=False)
     assert partial.unexpected and partial.mismatched and not partial.ok
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "cifar_resnet20", "mobilenet_v2", "shufflenet_v2_x0_5"])
+def test_every_backbone_is_features_then_head_with_one_classifier(backbone):
+    """models.backbone.Backbone: forward == forward_head(forward_features), get_classifier is the last Linear."""
+    from models.backbone import Backbone
+    torch.manual_seed(0)
+    model = build_model({"backbone": backbone, "num_classes": 7}).eval()
+    assert isinstance(model, Backbone)
+    head = model.get_classifier()
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 7
+    assert {k for k in model.state_dict() if k.startswith(model.head_prefix)} == \
+        {model.head_prefix + k for k in head.state_dict()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model.forward_head(model.forward_features(x)))
+
+
+def test_zero_init_residual_zeroes_each_blocks_last_norm():
+    from models.resnet import Bottleneck, ResidualBlock
+    model = build_model({"backbone": "resnet50", "backbone_args": {"zero_init_residual": True}})
+    blocks_ = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks_) == 16 and all(isinstance(b, Bottleneck) for b in blocks_)
+    assert all(float(b.bn3.weight.abs().sum()) == 0 and float(b.bn2.weight.abs().sum()) > 0 for b in blocks_)
