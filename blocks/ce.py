@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .ce_ops import (CentredMoments, CentredMomentsNHWC, GradLink, Mix, MixNHWC, all_reduce_sum, mix_nhwc,
                      newton_isqrt, per_sample_kernels, sample_group_matmul, sample_mats,
                      variance_from_sums)
-from .registry import Option, log_adjustment, register_block
+from .registry import Block, Option, log_adjustment, register_block
 
 
 def _group_size(channels, group_channels):
@@ -70,7 +70,7 @@ class InstanceReweight(nn.Module):
 
 
 @register_block("ce", positions=("after_norm",), stem=True)
-class CE(nn.Module):
+class CE(Block):
     """Channel Equilibrium: sigmoid(theta) * BD(x) + (1 - sigmoid(theta)) * IR(x) (see module doc).
 
     channels: C. group_channels: BD group size G (halved until it divides C; logged).

@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fusion import fold_bn
-from .registry import Option, log_adjustment, register_block
+from .registry import Block, Option, log_adjustment, register_block
 
 VARIANTS = (None, "A", "B")
 DEFAULT_GROUPS = 32  # the original's groups of both convs
@@ -153,7 +153,7 @@ def decode_to(conv, e, x):
 
 
 @register_block("ed", positions=("parallel",))
-class ED(nn.Module):
+class ED(Block):
     """Encoder-decoder path: stride-2 grouped 3x3 conv C->p + BN + ReLU, then a
     stride-2 grouped 3x3 transposed conv p->C + BN sized back to the input.
 

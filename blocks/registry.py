@@ -14,6 +14,8 @@ import logging
 import math
 from dataclasses import dataclass
 
+import torch.nn as nn
+
 from core.names import did_you_mean
 
 BLOCKS = {}
@@ -117,6 +119,28 @@ def log_adjustment(message):
         log.info(message)
 
 
+class Block(nn.Module):
+    """The contract of a plug-in block: built as ``cls(channels, **options)``, its options declared in
+    ``OPTIONS``. The class hooks below have neutral defaults; a block overrides those it needs. A block
+    with a cheaper eval form also offers ``deploy()`` (``models.inference`` swaps it in)."""
+    OPTIONS = {}
+
+    @classmethod
+    def stem_options(cls, **options):
+        """The options to use when the block follows the stem norm (CE: one group there)."""
+        return options
+
+    @classmethod
+    def min_side(cls, **options):
+        """The smallest feature-map side these options work on (CE with pooling: 2)."""
+        return 1
+
+    @classmethod
+    def branch_width(cls, width, stage, host="bottleneck", **options):
+        """The host block's mid width with this block placed (ED -A/-B resize it; default unchanged)."""
+        return width
+
+
 def register_block(name, positions=("after_norm",), stem=False):
     """Register a block class under ``name``.
 
@@ -129,6 +153,8 @@ def register_block(name, positions=("after_norm",), stem=False):
         raise ValueError(f"unknown block position(s) {bad}; valid: {POSITIONS}")
 
     def deco(cls):
+        if not issubclass(cls, Block):
+            raise TypeError(f"block '{name}': {cls.__name__} must subclass blocks.registry.Block")
         if name in BLOCKS:
             raise ValueError(f"block '{name}' is registered twice")
         _check_declared(cls, options_of(cls, skip=1), "block")

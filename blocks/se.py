@@ -7,11 +7,11 @@ before the shortcut addition.
 """
 import torch.nn as nn
 
-from .registry import Option, register_block
+from .registry import Block, Option, register_block
 
 
 @register_block("se", positions=("after_norm",))
-class SE(nn.Module):
+class SE(Block):
     """Channel gating from globally pooled features (reduction ``reduction``)."""
 
     OPTIONS = {"reduction": Option(int, low=1, doc="reduction ratio r: hidden width max(C // r, 1) "

@@ -213,8 +213,6 @@ def check_input_size(model_cfg, input_size):
     name = _get(model_cfg, "backbone")
     cls = BACKBONES[name][1]
     for i, spec in enumerate(parse_plugins(_get(model_cfg, "plugins", []) or [])):
-        if not hasattr(spec.cls, "min_side"):
-            continue
         need = spec.cls.min_side(**spec.options)
         places = [("its stem", cls.stem_halvings)] if spec.stem else []
         places += [(f"stage {s}", cls.stage_halvings[s - 1]) for s in spec.stages or range(1, cls.num_stages + 1)]

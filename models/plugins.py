@@ -88,17 +88,17 @@ def attach_stem(host, specs, channels):
     A block class may adapt its options to the stem with a ``stem_options(**options)``
     classmethod (CE uses one group of ``stem_group_channels`` there, as CENet does).
     """
-    return [_add(host, s, channels, s.cls.stem_options(**s.options) if hasattr(s.cls, "stem_options") else s.options,
+    return [_add(host, s, channels, s.cls.stem_options(**s.options),
                  "stem_" + s.type) for s in specs if s.stem]
 
 
 def branch_width(specs, width, stage, groups=1, host="bottleneck"):
     """Mid width of a host block ('bottleneck' or 'basic') after blocks that resize it (ED -A/-B) have their say."""
     for spec in specs:
-        hook = getattr(spec.cls, "branch_width", None)
-        if hook is not None and spec.applies(stage, spec.position):
-            new = hook(width, stage, host=host, **spec.options)
-            width = max(groups, int(round(new / groups)) * groups)  # grouped convs need multiples
+        if spec.applies(stage, spec.position):
+            new = spec.cls.branch_width(width, stage, host=host, **spec.options)
+            if new != width:
+                width = max(groups, int(round(new / groups)) * groups)  # grouped convs need multiples
     return width
 
 

@@ -250,11 +250,11 @@ def test_every_block_and_conv_declares_its_options():
     """A block whose OPTIONS and constructor differ cannot be registered (so none reaches a model unchecked)."""
     import torch.nn as nn
 
-    from blocks.registry import BLOCKS, CONVS, Option, register_block
+    from blocks.registry import BLOCKS, CONVS, Block, Option, register_block
 
     assert all(hasattr(cls, "OPTIONS") for cls in list(BLOCKS.values()) + list(CONVS.values()))
 
-    class Undeclared(nn.Module):
+    class Undeclared(Block):
         OPTIONS = {"ratio": Option(int, low=1)}
 
         def __init__(self, channels, ratio=2, gain=1.0):
@@ -263,6 +263,16 @@ def test_every_block_and_conv_declares_its_options():
     with pytest.raises(ValueError, match=r"undeclared: \['gain'\]"):
         register_block("undeclared_test_block")(Undeclared)
     assert "undeclared_test_block" not in BLOCKS
+
+    class NotABlock(nn.Module):
+        OPTIONS = {}
+
+        def __init__(self, channels):
+            super().__init__()
+
+    with pytest.raises(TypeError, match="NotABlock must subclass blocks.registry.Block"):
+        register_block("not_a_block_test")(NotABlock)
+    assert "not_a_block_test" not in BLOCKS
 
 
 @pytest.mark.parametrize("override, message", [
