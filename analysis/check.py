@@ -50,8 +50,8 @@ def train_steps(cfg, model, steps, batch):
     would make a few steps look like divergence."""
     import torch.nn as nn
 
-    import data as data_lib
     from engine.optim import build_optimizer
+    import data as data_lib
     syn = dict(cfg.data.to_dict(), dataset="synthetic", workers=0, pin_memory=False)  # the config's recipe
     syn["synthetic"] = dict(syn["synthetic"], train_size=batch, num_classes=None)
     dataset = data_lib.build_dataset(syn, "train", num_classes=cfg.model.num_classes)
@@ -74,12 +74,12 @@ def train_steps(cfg, model, steps, batch):
 
 def check(config, overrides, steps=3, batch=2, out=print):
     """Run the check; returns the exit code. Raises core.fields.ConfigError for a refused config."""
-    from engine.config import load_config
+    from analysis.flops import complexity
     from core.exits import EXIT_NONFINITE, EXIT_OK
+    from engine.config import load_config
     from engine.summary import describe_blocks
     from engine.threads import set_threads
     from models import build_model
-    from analysis.flops import complexity
     cfg = load_config(config, overrides)
     set_threads(cfg.runtime.threads)
     size = cfg.data.input_size

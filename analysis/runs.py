@@ -97,8 +97,8 @@ def describe_blocks(model_cfg):
 
 def complexity(config):
     """(parameters in M, GFLOPs) of the run's model at its input size (one eval-mode image on the CPU)."""
-    from models import build_model
     from analysis.flops import complexity as count
+    from models import build_model
     model = build_model(dict(config["model"], pretrained=None))
     params, gflops = count(model, int(config.get("data", {}).get("input_size", 224)))
     return params / 1e6, gflops

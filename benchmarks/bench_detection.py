@@ -60,6 +60,9 @@ class FixedLoader:
     """The same list of batches every epoch, in the shape the Trainer's loop expects of a loader."""
 
     class _Sampler:
+        def set_epoch(self, epoch):
+            pass
+
         def set_skip(self, n):
             pass
 

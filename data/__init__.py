@@ -4,7 +4,7 @@
     loader = build_loader(dataset, cfg.data, 'train', per_rank_batch, distributed, seed)
     to_input = build_device_transform(cfg.data, 'train').to(device)
     for epoch in ...:
-        loader.sampler.set_epoch(epoch)
+        start_epoch(loader, epoch)          # its shuffle; skip_batches= resumes mid-epoch
         for images, labels in loader:      # uint8 N x 3 x H x W, int64
             x = to_input(images.to(device, non_blocking=True))
 """
@@ -12,11 +12,11 @@ import importlib
 
 # Imported on first use: the config check reads data.schema alone, without torchvision (seconds of startup).
 _WHERE = {"build_dataset": "build", "build_device_transform": "build", "DataError": "errors",
-          "ShardSampler": "loader", "TrainSampler": "loader", "build_loader": "loader", "build_recipe": "recipe",
+          "ShardSampler": "loader", "TrainSampler": "loader", "build_loader": "loader", "start_epoch": "loader", "build_recipe": "recipe",
           "DATA_SCHEMA": "schema"}
 
 __all__ = ["build_dataset", "build_loader", "build_device_transform", "build_recipe", "DataError", "DATA_SCHEMA",
-           "TrainSampler", "ShardSampler"]
+           "TrainSampler", "ShardSampler", "start_epoch"]
 
 
 def __getattr__(name):

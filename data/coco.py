@@ -170,7 +170,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
     """Batches whose images share an orientation (width >= height or not), as torchvision's references group
     them: less padding per batch. Every epoch yields exactly ``len(sampler) // batch_size`` batches (ranks stay
     in step): the groups' leftovers, one group after the other, fill the last ones. ``set_skip(n)`` skips the
-    first ``n`` batches of the next epoch (exact mid-epoch resume, engine/sampling.py)."""
+    first ``n`` batches of the next epoch (exact mid-epoch resume, data.loader.start_epoch)."""
 
     def __init__(self, sampler, group_ids, batch_size):
         self.sampler, self.group_ids, self.batch_size, self.skip = sampler, group_ids, batch_size, 0

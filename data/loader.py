@@ -45,12 +45,17 @@ class TrainSampler(Sampler):
     def __init__(self, size, rank=0, world_size=1, seed=0):
         self.size, self.rank, self.world_size, self.seed, self.epoch = size, rank, world_size, seed, 0
         self.num_samples = math.ceil(size / world_size)
+        self.skip = 0
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
 
+    def set_skip(self, num_samples):
+        """Start the next epoch after its first ``num_samples`` (mid-epoch resume; once)."""
+        self.skip = int(num_samples)
+
     def __len__(self):
-        return self.num_samples
+        return self.num_samples - self.skip
 
     def __iter__(self):
         g = _epoch_generator(self.seed, self.epoch)
@@ -61,8 +66,21 @@ class TrainSampler(Sampler):
             reps = math.ceil((total - self.size) / self.size)
             order = torch.cat([order] + [order] * reps)[:total]
             seeds = torch.cat([seeds] + [seeds] * reps)[:total]
-        mine = slice(self.rank, total, self.world_size)
+        skip, self.skip = self.skip, 0
+        mine = slice(self.rank + skip * self.world_size, total, self.world_size)
         return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
+
+
+def start_epoch(loader, epoch, skip_batches=0):
+    """Shuffle the train loader for ``epoch`` and skip its first ``skip_batches`` batches: the order is a function
+    of (seed, epoch) only, so a resumed epoch sees exactly the batches an uninterrupted run still would."""
+    grouped = getattr(loader.batch_sampler, "set_skip", None)  # detection's GroupedBatchSampler skips batches
+    sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+    sampler.set_epoch(epoch)
+    if grouped is not None:
+        grouped(skip_batches)
+    else:
+        sampler.set_skip(skip_batches * loader.batch_size)
 
 
 class ShardSampler(Sampler):

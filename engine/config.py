@@ -8,10 +8,10 @@ was started).
 """
 import os
 
-import models
 from core.config import build, read_tree
 from data.recipe import build_recipe
 from engine.schema import cross_check, get_schema
+import models
 
 
 def _check_model(tree):

@@ -13,9 +13,9 @@ import random
 import numpy as np
 import torch
 
+from core.fields import ConfigError
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.ema import ModelEMA
-from core.fields import ConfigError
 
 ARCH_KEYS = ("backbone", "num_classes", "backbone_args", "conv", "plugins")
 

@@ -23,14 +23,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from core.config import Config, dump
+from core.exits import EXIT_PEER_LOST
+from core.fields import ConfigError
+from core.watchdog import RUN_DIR_ENV, Heartbeat
+from data.loader import start_epoch
 from engine import distributed as du
 from engine.checkpoint import CheckpointError, state_nbytes
 from engine.checkpoint_manager import CheckpointManager, check_writable
-from core.config import Config, dump
 from engine.ema import ModelEMA
 from engine.evaluator import autocast_for
-from core.fields import ConfigError
-from core.exits import EXIT_PEER_LOST
 from engine.guard import NonFiniteError, NonFiniteGuard
 from engine.lock import WorkDirBusy, WorkDirLock
 from engine.logger import RunLogger, setup_console
@@ -38,12 +40,10 @@ from engine.meters import Throughput, format_eta
 from engine.optim import IterScheduler, build_optimizer, group_lrs
 from engine.ownership import check_owner, describe_diff
 from engine.preempt import StopAgreement
-from engine.sampling import set_skip, unwrap_sampler
 from engine.state import capture_rng_state, restore_rng_state, resume, seed_everything, training_state
 from engine.summary import run_summary
 from engine.syncbn import convert_sync_batchnorm
 from engine.threads import set_threads
-from core.watchdog import RUN_DIR_ENV, Heartbeat
 
 
 class _ValidationStopped(Exception):
@@ -320,10 +320,7 @@ class Trainer:
         os._exit(EXIT_PEER_LOST)
 
     def _start_epoch(self, epoch):
-        sampler = unwrap_sampler(self.train_loader)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        set_skip(self.train_loader, self.iter_in_epoch * self.accum)
+        start_epoch(self.train_loader, epoch, self.iter_in_epoch * self.accum)
         if self.iter_in_epoch and self.rng_epoch_start is not None:
             now = capture_rng_state()
             restore_rng_state(self.rng_epoch_start)

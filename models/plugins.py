@@ -7,8 +7,8 @@ order the config lists them.
 """
 from dataclasses import dataclass, field
 
-import blocks  # noqa: F401  (registers the built-in blocks)
 from blocks.registry import get_block, options_of
+import blocks  # noqa: F401  (registers the built-in blocks)
 
 SPEC_KEYS = ("type", "position", "stages", "stem")
 SPEC_DOCS = {  # the keys every model.plugins entry takes: (type, default, meaning), for docs/blocks.md

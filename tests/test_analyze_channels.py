@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from analysis.channel_stats import ChannelProbe
 from blocks.we import WEConv2d
 from models import build_model
 from models.resnet import Bottleneck, ResidualBlock
 from tools import analyze_channels
-from analysis.channel_stats import ChannelProbe
 
 CE = {"type": "ce", "stages": [1, 2, 3]}
 SE = {"type": "se", "reduction": 4}

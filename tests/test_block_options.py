@@ -3,8 +3,8 @@ import logging
 
 import pytest
 
-from engine.config import load_config
 from core.fields import ConfigError
+from engine.config import load_config
 from models import build_model, validate_model_cfg
 
 SMALL = """model: {backbone: cifar_resnet20, num_classes: 4}

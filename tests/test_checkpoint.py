@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import engine.checkpoint as ck
-import engine.checkpoint_manager as ckm
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.checkpoint_manager import CheckpointManager
 from engine.state import capture_rng_state, restore_rng_state
+import engine.checkpoint as ck
+import engine.checkpoint_manager as ckm
 
 
 def _state(value=1.0, n=8):

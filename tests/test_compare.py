@@ -4,10 +4,10 @@ import os
 
 import pytest
 
+from analysis import runs as run_reader
 from engine.trainer import Trainer
 from models import build_model
 from tests.engine_helpers import run_train_sh, tiny_cfg
-from analysis import runs as run_reader
 from tools import compare
 
 CE = "model.plugins=[{type: ce, position: after_norm, stages: [1, 2, 3]}]"

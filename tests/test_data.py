@@ -10,13 +10,13 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from core.fields import ConfigError, Field
 from data import DataError, build_dataset, build_device_transform, build_loader
 from data import decode as decode_mod
 from data.arrays import digits_split
 from data.loader import ShardSampler, TrainSampler
 from data.schema import DATA_SCHEMA, resolve
 from data.transforms import PCA_EIGVAL, ColorJitter, sample_resized_crop
-from core.fields import ConfigError, Field
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CLASSES = ["n01", "n02", "n03"]

@@ -94,8 +94,8 @@ def test_syncbn_two_processes_equal_one_process(tmp_path):
 
 
 def test_ranks_from_torchrun_and_slurm_variables(monkeypatch):
-    from engine.distributed import read_env
     from core.fields import ConfigError
+    from engine.distributed import read_env
     monkeypatch.setattr(os, "environ", {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
     assert read_env() == (3, 8, 1)
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_ID": "123457",

@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from analysis.flops import complexity, ednet_count
 from blocks.ed import ED, PUBLISHED_GFLOPS, a_costs, a_width
 from models import build_model
 from models.converters import ednet
 from models.weights import load_weights
-from analysis.flops import complexity, ednet_count
 
 EPS, MOMENTUM = 1e-5, 0.1
 

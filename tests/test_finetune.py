@@ -14,16 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
+from core.fields import ConfigError
 from engine.checkpoint import load_checkpoint
 from engine.config import from_tree
-from core.fields import ConfigError
 from engine.optim import group_lrs, lr_factor
 from engine.trainer import Trainer
-from tests.engine_helpers import run_train_sh
 from models import build_model
 from models.finetune import frozen_modules, is_batch_norm
 from models.mobilenetv2 import SETTINGS
 from models.weights import WeightsMismatchError, load_weights
+from tests.engine_helpers import run_train_sh
 
 CLASSES = ("cat", "dog", "owl")
 CE20 = {"backbone": "cifar_resnet20", "plugins": [{"type": "ce", "stages": [1, 2, 3], "stem": True}]}

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import build_model
 from analysis.flops import complexity, ednet_count
+from models import build_model
 
 
 def tiny():

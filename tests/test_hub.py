@@ -7,9 +7,9 @@ import torch
 import yaml
 
 from engine import hub
+from engine import zoo_table
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.hub import HubError, resolve_checkpoint
-from engine import zoo_table
 from tools import zoo_table as zoo_table_tool
 
 

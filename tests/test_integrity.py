@@ -11,9 +11,9 @@ import torch
 
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.checkpoint_manager import BEST_META, CheckpointManager
+from engine.config import default_work_dir
 from tests.engine_helpers import ROOT, launch_env, run_train_sh
 from tests.fault_inject import flip_tensor_bit
-from engine.config import default_work_dir
 
 
 def _state(epoch, value=None):

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torchvision
 
+from analysis.flops import complexity
 from core.fields import ConfigError
 from models import build_model, validate_model_cfg
 from models.shufflenetv2 import WIDTHS
-from analysis.flops import complexity
 
 # torchvision's ShuffleNet_V2_X*_Weights.IMAGENET1K_V1 meta: num_params, _ops (GFLOPs = MACs at 224)
 TORCHVISION = {"x0_5": (1366792, 0.04), "x1_0": (2278604, 0.145), "x1_5": (3503624, 0.296), "x2_0": (7393996, 0.583)}

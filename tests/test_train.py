@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from engine.evaluator import evaluate
 from core.fields import ConfigError
+from engine.evaluator import evaluate
 from engine.optim import build_optimizer, lr_factor
 from engine.trainer import Trainer
 from tests.engine_helpers import TinyNet, assert_same, tiny_cfg, tiny_model, weights

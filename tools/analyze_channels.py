@@ -56,12 +56,12 @@ def parse_args(argv=None):
 
 def load(config, checkpoint, overrides):
     """(model in eval mode, val loader, device transform) -- or ConfigError/CheckpointError/WeightsMismatchError."""
-    import data as data_lib
     from engine.checkpoint import load_checkpoint
     from engine.config import load_config
     from engine.hub import resolve_checkpoint
     from models import build_model
     from models.weights import load_weights
+    import data as data_lib
     cfg = load_config(config, overrides)
     dataset = data_lib.build_dataset(cfg.data, "val", num_classes=cfg.model.num_classes)
     model = build_model(dict(cfg.model, pretrained=None))
@@ -104,8 +104,8 @@ def stage_rows(rows):
 
 def analyze(model, dataset, transform, cfg, batches, batch_size, threshold, label="model"):
     """Run the hooks over ``batches`` batches; returns the report dict of one model."""
-    import data as data_lib
     from analysis.channel_stats import ChannelProbe
+    import data as data_lib
     loader = data_lib.build_loader(dataset, cfg.data, "val", batch_size, False, cfg.runtime.seed)
     probe = ChannelProbe(model)
     total = min(batches, len(loader))
@@ -201,8 +201,8 @@ def plot(reports, out_dir, threshold):
 
 
 def main(argv=None):
-    from engine.checkpoint import CheckpointError
     from core.fields import ConfigError
+    from engine.checkpoint import CheckpointError
     from models.weights import WeightsMismatchError
     args = parse_args(argv)
     pairs = list(zip(args.pairs[::2], args.pairs[1::2]))

@@ -31,8 +31,8 @@ def main(argv=None):
     p.add_argument("--steps", type=_positive, default=3, help="training steps on synthetic data (default 3)")
     p.add_argument("--batch", type=_positive, default=2, help="images per step (default 2; BatchNorm needs 2)")
     args = p.parse_args(argv)
-    from core.fields import ConfigError
     from core.exits import EXIT_USAGE
+    from core.fields import ConfigError
     try:
         return check(args.config, args.overrides, args.steps, args.batch)
     except ConfigError as e:

@@ -182,8 +182,8 @@ def deploy(args):
 
 
 def main(argv=None):
-    from engine.checkpoint import CheckpointError
     from core.fields import ConfigError
+    from engine.checkpoint import CheckpointError
     from models.weights import WeightsMismatchError
     args = parse_args(argv)
     try:

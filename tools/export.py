@@ -21,10 +21,10 @@ import sys
 
 import torch
 
-from engine.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from core.fields import ConfigError
-from engine.hub import REPO_ROOT, index_path, load_index, save_index
 from engine import zoo_table
+from engine.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from engine.hub import REPO_ROOT, index_path, load_index, save_index
 
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
 
@@ -70,11 +70,11 @@ def _relative(path, start):
 
 def check_and_measure(weights, config, overrides=(), input_size=None):
     """Build the config's model, load ``weights`` strictly; return (params, GFLOPs, input size)."""
+    from analysis.flops import complexity
     from engine.config import load_config
     from models import build_model
     from models.features import require_classifier
     from models.weights import load_weights
-    from analysis.flops import complexity
     cfg = load_config(config, list(overrides))
     require_classifier(cfg.model, "a model-zoo entry (classification weights that ./test.sh evaluates)")
     model = build_model(cfg.model)

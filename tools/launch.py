@@ -38,8 +38,8 @@ import tempfile
 import time
 
 from core.exits import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, STOP_SIGNALS
-from engine.relay import read_errors
 from core.watchdog import RUN_DIR_ENV, find_stall
+from engine.relay import read_errors
 
 GRACE_S = 30.0  # as torchrun: how long survivors of a dead rank get before they are killed
 

@@ -46,10 +46,10 @@ def load_exported(path):
 
 def load_checkpoint_model(path, config=None, ema=False):
     """(Preprocessing, eval model) for a training checkpoint, with its stored (or the given) config."""
+    from core.fields import ConfigError
     from data.preprocess import Preprocessing
     from engine.checkpoint import load_checkpoint
     from engine.config import from_tree, load_config
-    from core.fields import ConfigError
     from models import build_model
     from models.weights import checkpoint_weights, load_weights
     state = load_checkpoint(path)
@@ -92,8 +92,8 @@ def predict(args):
 
 
 def main(argv=None):
-    from engine.checkpoint import CheckpointError
     from core.fields import ConfigError
+    from engine.checkpoint import CheckpointError
     from models.weights import WeightsMismatchError
     args = parse_args(argv)
     try:

@@ -123,8 +123,8 @@ def blocks(model):
 def measure(model_section, input_size, cache):
     """(params, GFLOPs) of a model section on the meta device; one count per distinct model."""
     import torch
-    from models import build_model
     from analysis.flops import complexity
+    from models import build_model
     key = json.dumps([model_section, input_size], sort_keys=True, default=str)
     if key not in cache:
         with torch.device("meta"):

@@ -57,9 +57,9 @@ def parse_args(argv=None):
 
 def config_from_checkpoint(spec, overrides):
     """(config, local path or None, loaded state or None) for ``./test.sh CHECKPOINT`` without a config."""
+    from core.fields import ConfigError
     from engine.checkpoint import load_checkpoint
     from engine.config import from_tree, load_config
-    from core.fields import ConfigError
     from engine.hub import REPO_ROOT, load_index, resolve_checkpoint
     zoo = load_index().get(spec)
     if isinstance(zoo, dict) and zoo.get("config"):
@@ -80,9 +80,9 @@ def eval_differences(stored, cfg):
     """``[(key, stored value, used value)]``: the preprocessing and model keys where evaluation differs from
     the config the checkpoint was trained with (presets resolved: ``normalize: auto`` vs the same numbers is
     no difference)."""
+    from core.fields import ConfigError
     from data.recipe import build_recipe
     from engine.config import from_tree
-    from core.fields import ConfigError
     try:
         stored_cfg = from_tree(stored, where="stored")
     except ConfigError:  # written by another version of blocklab: compare the keys it has
@@ -119,13 +119,13 @@ def evaluate_checkpoint(cfg, spec, ema=False, path=None, state=None, fix=None, r
     """
     import torch
 
-    import data as data_lib
     from engine import distributed as du
     from engine.checkpoint import CheckpointError, load_checkpoint
     from engine.hub import resolve_checkpoint
     from engine.tasks import build_task
     from engine.threads import set_threads
     from models.weights import checkpoint_weights, load_weights
+    import data as data_lib
     task = build_task(cfg)
     info = du.init_distributed(cfg.dist, cfg.runtime.device)
     set_threads(cfg.runtime.threads)  # as training: runtime.threads, OMP_NUM_THREADS, or cores per process
@@ -213,11 +213,11 @@ def run(argv=None):
 
 
 def _run(argv):
+    from core.fields import ConfigError
     from data.errors import worker_lost
     from engine import distributed as du
     from engine.checkpoint import CheckpointError, atomic_write
     from engine.config import load_config
-    from core.fields import ConfigError
     from engine.relay import report_error
     from models.weights import WeightsMismatchError
     args = parse_args(argv)

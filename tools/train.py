@@ -54,13 +54,13 @@ def run(argv=None):
 
 
 def _run(argv):
+    from core.fields import ConfigError
+    from data.errors import worker_lost
     from engine import distributed as du
     from engine.checkpoint import CheckpointError
     from engine.config import default_work_dir, load_config
-    from core.fields import ConfigError
     from engine.guard import NonFiniteError
     from engine.relay import report_error
-    from data.errors import worker_lost
     args = parse_args(argv)
     code, err = EXIT_OK, None
     try:
