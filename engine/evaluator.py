@@ -3,10 +3,8 @@
 Every rank evaluates its shard with the *unwrapped* model (no DDP forward, so no
 collective can hang when shards differ in length), accumulates
 ``[loss_sum, top1, top5, count]`` on the device, and one ``all_reduce`` sums
-them. A sampler that pads (``torch.utils.data.DistributedSampler`` repeats
-samples so every rank gets the same number) is handled by counting only this
-rank's first ``len(range(rank, N, world))`` samples: padding sits at the end of
-the global index list, which rank ``r`` reads at positions ``r, r + world, ...``.
+them. The shards must not overlap or pad (``data.ShardSampler``): a padding
+``DistributedSampler`` would count some images twice, so it is refused.
 """
 import contextlib
 
@@ -16,18 +14,6 @@ from torch.utils.data import DistributedSampler
 
 from engine.distributed import all_reduce_sum
 from engine.meters import topk_correct
-
-
-def _valid_per_rank(loader):
-    """Real (non-padding) samples this rank sees, or None when the sampler does not pad."""
-    sampler = getattr(loader, "sampler", None)
-    if getattr(loader, "batch_sampler", None) is not None:
-        sampler = getattr(loader.batch_sampler, "sampler", sampler)
-    if not isinstance(sampler, DistributedSampler) or getattr(sampler, "drop_last", False):
-        return None
-    n = len(sampler.dataset)
-    rank, world = sampler.rank, sampler.num_replicas
-    return len(range(rank, n, world))
 
 
 def autocast_for(device, amp):
@@ -42,29 +28,25 @@ def autocast_for(device, amp):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, transform=None, amp="none", channels_last=False, on_batch=None):
+def evaluate(model, loader, device, transform=None, amp="none", on_batch=None):
     """``{'top1', 'top5', 'loss', 'count'}`` over the whole dataset behind ``loader``.
 
     ``model`` must be the plain module (not DDP); ``transform`` is the data's device
     transform applied to the uint8 batch after it is moved to ``device``. ``on_batch(i)``
     is called after batch ``i`` (progress for the watchdog; it may raise to stop early).
     """
+    sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        raise ValueError("evaluate() counts every image once only over non-padding shards; DistributedSampler "
+                         "pads them: use data.ShardSampler")
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    budget = _valid_per_rank(loader)
     for index, (images, target) in enumerate(loader):
-        if budget is not None:
-            if budget <= 0:
-                continue
-            images, target = images[:budget], target[:budget]
-            budget -= target.shape[0]
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         if transform is not None:
             images = transform(images)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, amp):
             logits = model(images)
         logits = logits.float()

@@ -21,10 +21,8 @@ from engine.guard import PreemptionGuard
 class StopAgreement:
     """Collective stop flag; every rank must call :meth:`poll` the same number of times."""
 
-    def __init__(self, handle_signals=False):
+    def __init__(self):
         self.guard = PreemptionGuard()
-        if handle_signals:
-            self.guard.install()
         self.forced = False
         self._work = self._buf = None
         self.group = dist.new_group(backend="gloo") if is_dist() else None

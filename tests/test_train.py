@@ -157,15 +157,18 @@ runtime: {{device: cpu, work_dir: {tmp_path / 'run'}, log_interval: 1, tensorboa
 # ----------------------------------------------------------------------------- evaluation and refusals
 
 @pytest.mark.parametrize("n,world", [(19, 2), (10, 3), (5, 4)])
-def test_eval_counts_each_image_once_with_padding_sampler(n, world):
+def test_eval_counts_each_image_once_and_refuses_a_padding_sampler(n, world):
+    from data import ShardSampler
     ds = TensorDataset(torch.randint(0, 255, (n, 3, 4, 4), dtype=torch.uint8), torch.arange(n) % 3)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
     total = 0
-    for rank in range(world):  # a padding DistributedSampler, one "rank" at a time (no process group)
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True)
-        loader = DataLoader(ds, batch_size=2, sampler=sampler)
+    for rank in range(world):  # one "rank" at a time (no process group)
+        loader = DataLoader(ds, batch_size=2, sampler=ShardSampler(n, rank, world))
         total += evaluate(model, loader, torch.device("cpu"), lambda x: x.float())["count"]
     assert total == n
+    padding = DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, num_replicas=world, rank=0))
+    with pytest.raises(ValueError, match="DistributedSampler pads"):
+        evaluate(model, padding, torch.device("cpu"), lambda x: x.float())
 
 
 def test_refused_resume_writes_nothing(tmp_path):
