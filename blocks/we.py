@@ -51,11 +51,6 @@ __all__ = ["LWE", "WEConv2d", "fold_we"]
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
-def _is_compiling():
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
 @torch.fx.wrap
 def _we_forward(conv, x):
     """``WEConv2d.forward``; torch.fx records it as one call, so the device, grad-mode and cache
@@ -253,7 +248,7 @@ class WEConv2d(nn.Conv2d):
         return _we_forward(self, x)
 
     def _weight_for_call(self):
-        if self.training or torch.is_grad_enabled() or _is_compiling():
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.excited_weight()
         # eval without autograd: reuse the excited weight while the parameters are unchanged
         # (an in-place update, load_state_dict or .to() changes a version, pointer or dtype)
