@@ -26,7 +26,7 @@ from blocks.ce import CE
 from blocks.ed import ED
 from blocks.se import SE
 from blocks.we import WEConv2d
-from models.mobilenetv2 import SETTINGS, ConvNormAct, InvertedResidual
+from models.mobilenetv2 import ConvNormAct
 from models.resnet import Bottleneck, ResidualBlock
 
 
@@ -73,19 +73,15 @@ class BlockStat:
 
 
 def _stage_map(model):
-    """Module name -> stage for the containers of each backbone family."""
-    stages = {}
-    if hasattr(model, "layer1"):
-        for k in range(1, 5):
-            if hasattr(model, f"layer{k}"):
-                stages[f"layer{k}"] = k
-    if hasattr(model, "features") and any(isinstance(m, InvertedResidual) for m in model.features):
-        index = 1
-        for stage, (_t, _c, n, _s) in enumerate(SETTINGS, start=1):
-            for _ in range(n):
-                stages[f"features.{index}"] = stage
-                index += 1
-        stages["features.0"], stages[f"features.{index}"] = 0, len(SETTINGS) + 1
+    """Module name -> stage, from the backbone's own ``stem_and_stages()`` (0: the stem); what follows the last
+    stage in its container (MobileNetV2's last conv) counts as one stage more."""
+    names = {id(m): n for n, m in model.named_modules()}
+    parts = model.stem_and_stages()
+    stages = {names[id(m)]: k for k, part in enumerate(parts) for m in part}
+    parent, _, last = names[id(parts[-1][-1])].rpartition(".")
+    siblings = [n for n, _ in (model.get_submodule(parent) if parent else model).named_children()]
+    for n in siblings[siblings.index(last) + 1:]:
+        stages[f"{parent}.{n}" if parent else n] = len(parts)
     return stages
 
 
