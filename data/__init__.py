@@ -12,7 +12,8 @@ import importlib
 
 # Imported on first use: the config check reads data.schema alone, without torchvision (seconds of startup).
 _WHERE = {"build_dataset": "build", "build_device_transform": "build", "DataError": "errors",
-          "ShardSampler": "loader", "TrainSampler": "loader", "build_loader": "loader", "start_epoch": "loader", "build_recipe": "recipe",
+          "ShardSampler": "loader", "TrainSampler": "loader", "build_loader": "loader", "start_epoch": "loader",
+          "build_recipe": "recipe",
           "DATA_SCHEMA": "schema"}
 
 __all__ = ["build_dataset", "build_loader", "build_device_transform", "build_recipe", "DataError", "DATA_SCHEMA",

@@ -99,8 +99,9 @@ class ShardSampler(Sampler):
         return iter(range(self.rank, self.size, self.world_size))
 
 
-# A stop (core.exits.STOP_SIGNALS) is decided by the training process: torchrun, SLURM and a terminal's Ctrl-C signal whole
-# process groups, and a loader worker that died of it would crash the trainer before it could save.
+# A stop (core.exits.STOP_SIGNALS) is decided by the training process: torchrun, SLURM and a terminal's
+# Ctrl-C signal whole process groups, and a loader worker that died of it would crash the trainer before
+# it could save.
 
 
 @atexit.register  # runs before multiprocessing's own exit hook, which would SIGTERM (ignored) and wait forever

@@ -40,7 +40,7 @@ from engine.meters import Throughput, format_eta
 from engine.optim import IterScheduler, build_optimizer, group_lrs
 from engine.ownership import check_owner, describe_diff
 from engine.preempt import StopAgreement
-from engine.state import capture_rng_state, restore_rng_state, resume, seed_everything, training_state
+from engine.state import TrainerState, capture_rng_state, restore_rng_state, seed_everything
 from engine.summary import run_summary
 from engine.syncbn import convert_sync_batchnorm
 from engine.threads import set_threads
@@ -50,7 +50,7 @@ class _ValidationStopped(Exception):
     """A stop signal arrived during validation (raised on every rank at the same batch)."""
 
 
-class Trainer:
+class Trainer(TrainerState):
     def __init__(self, cfg, model_fn=None):
         """Build the run in named steps; nothing is written into the work directory until the last one."""
         from engine.tasks import build_task
@@ -159,7 +159,7 @@ class Trainer:
         if changed:
             self.log.warning("runtime.resume_mismatch=allow: continuing %s with %s", self.work_dir,
                              describe_diff(changed, limit=len(changed)))
-        resume(self)
+        self._resume_from_checkpoint()
 
     def _claim_work_dir(self):
         """Only now write into the work directory: rank 0 checks space, locks it and writes the config;
@@ -231,9 +231,6 @@ class Trainer:
         self.log.info("initialised weights from %s (%s format): %s", path, report.source, report.summary())
         self.runlog.log("pretrained", 0, {}, path=path, source=report.source, loaded=report.loaded,
                         skipped=report.skipped, reasons=report.skipped_reasons())
-
-    def state_dict(self):
-        return training_state(self)
 
     def save(self, tag, metric=None):
         """Save the full state (all ranks call this; rank 0 writes)."""
