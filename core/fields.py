@@ -81,3 +81,33 @@ def _type_name(types):
     if set(types) == {int, float}:
         return "a number"
     return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+# ----------------------------------------------------------------------------- value checks shared by the schemas
+
+def at_least(low, strict=False):
+    """A ``Field.check``: the value must be >= ``low`` (> with ``strict``)."""
+    def check(value, path):
+        if value < low or (strict and value == low):
+            raise ConfigError(f"{path}={value!r} must be {'>' if strict else '>='} {low}; change it")
+    return check
+
+
+def in_range(low, high):
+    """A ``Field.check``: the value must lie in [low, high]."""
+    def check(value, path):
+        if not low <= value <= high:
+            raise ConfigError(f"{path}={value!r} must be in [{low:,}, {high:,}]; change it")
+    return check
+
+
+def list_of(kind, low=None, name="item"):
+    """A ``Field.check`` for a list: each item of type ``kind`` (and >= ``low``)."""
+    def check(value, path):
+        for i, x in enumerate(value):
+            if not isinstance(x, kind) or isinstance(x, bool) or (low is not None and x < low):
+                bound = f" >= {low}" if low is not None else ""
+                raise ConfigError(f"{path}.{i}={x!r}: each {name} must be {kind.__name__}{bound}; "
+                                  f"e.g. {path}=[30, 60, 90]")
+    return check
+

@@ -9,7 +9,7 @@ small shifts and no flip. The batch size is not here: the engine passes it.
 from collections.abc import Mapping
 
 from core.config import validate
-from core.fields import ConfigError, Field
+from core.fields import ConfigError, Field, at_least, in_range
 
 DATASETS = ("imagenet_folder", "imagenet_list", "cifar10", "cifar100", "digits", "synthetic", "coco")
 NORMALIZE = ("auto", "imagenet", "cifar10", "cifar100", "digits", "half", "none")
@@ -45,20 +45,6 @@ def _jitter(value, path):
     hue = value[3] if isinstance(value, (list, tuple)) and len(value) == 4 else 0
     if hue > 0.5:
         raise ConfigError(f"{path}: hue jitter must be <= 0.5, got {hue}")
-
-
-def _min(low):
-    def check(value, path):
-        if value < low:
-            raise ConfigError(f"{path} must be >= {low}, got {value}")
-    return check
-
-
-def _between(low, high):
-    def check(value, path):
-        if not low <= value <= high:
-            raise ConfigError(f"{path} must be in [{low}, {high:,}], got {value:,}")
-    return check
 
 
 MAX_INPUT_SIZE = 8192  # one 8192^2 RGB image is 0.8 GB as float32; the largest shipped input is 1333 (COCO)
@@ -103,7 +89,7 @@ DATA_SCHEMA = {
                      "unless absolute (images in root/val_dir)"),
     "num_classes": Field(None, "expected number of classes; null = the model's num_classes (passed by the engine); "
                          "list labels must lie in [0, num_classes), folder trees must have that many classes",
-                         type=(int,), nullable=True, check=_min(1)),
+                         type=(int,), nullable=True, check=at_least(1)),
     "input_size": Field(None, "side of the square images fed to the model; null = 224 for ImageNet and synthetic, "
                         "32 for CIFAR and digits (synthetic images are generated at this size); at most 8192",
                         type=(int,), nullable=True, check=_image_side),
@@ -132,33 +118,33 @@ DATA_SCHEMA = {
         "ratio": Field(None, "random_resized: range of the crop's aspect ratio (torchvision: [0.75, 1.333])",
                        type=(list,), nullable=True, check=_pair),
         "padding": Field(None, "pad crop: pixels of zero padding on each side (CIFAR: 4)", type=(int,),
-                         nullable=True, check=_min(0)),
+                         nullable=True, check=at_least(0)),
         "hflip": Field(None, "probability of a horizontal flip", type=(int, float), nullable=True, check=_prob),
         "color_jitter": Field(None, "torchvision ColorJitter strengths: a number (brightness = contrast = "
                               "saturation) or [b, c, s(, hue)]; 0 = off", type=(int, float, list),
                               nullable=True, check=_jitter),
         "lighting": Field(None, "std of the AlexNet PCA lighting noise, applied on the device (CENet: 0.1); 0 = off",
-                          type=(int, float), nullable=True, check=_min(0)),
+                          type=(int, float), nullable=True, check=at_least(0)),
         "lighting_layout": Field(None, "eigenvector layout: cenet (rows of CENet's ColorAugmentation matrix, as "
                                  "that repository computes it) or alexnet (columns, as fb.resnet.torch)",
                                  type=(str,), nullable=True, choices=("cenet", "alexnet")),
     },
-    "workers": Field(4, "DataLoader worker processes per rank (0 = load in the main process)", check=_min(0)),
-    "prefetch_factor": Field(2, "batches each worker loads ahead", check=_min(1)),
+    "workers": Field(4, "DataLoader worker processes per rank (0 = load in the main process)", check=at_least(0)),
+    "prefetch_factor": Field(2, "batches each worker loads ahead", check=at_least(1)),
     "pin_memory": Field(True, "page-locked batches for asynchronous host-to-GPU copies (ignored without CUDA)"),
     "persistent_workers": Field(True, "keep worker processes alive between epochs"),
     "verify_images": Field(50000, "image folders/lists of at most this many files: check every image's header "
                            "and end marker before the run starts (about 80 us per file; 0: never); every "
-                           "listed file's existence is always checked", check=_min(0)),
+                           "listed file's existence is always checked", check=at_least(0)),
     "skip_bad_images": Field(False, "replace an unreadable image by the next readable one and log it (the count "
                              "is dataset.num_skipped) instead of stopping with an error"),
     "synthetic": {
         "train_size": Field(1024, "synthetic: number of training images (at most 10,000,000)",
-                            check=_between(1, MAX_SYNTHETIC)),
+                            check=in_range(1, MAX_SYNTHETIC)),
         "val_size": Field(256, "synthetic: number of validation images (at most 10,000,000)",
-                          check=_between(1, MAX_SYNTHETIC)),
+                          check=in_range(1, MAX_SYNTHETIC)),
         "num_classes": Field(None, "synthetic: number of classes; null = data.num_classes, else the model's, "
-                             "else 10", type=(int,), nullable=True, check=_min(1)),
+                             "else 10", type=(int,), nullable=True, check=at_least(1)),
     },
 }
 

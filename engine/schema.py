@@ -6,7 +6,7 @@ Sizes in the train section are global: ``train.batch_size`` is summed over all
 processes and accumulation steps, and ``train.lr`` is the learning rate for that
 batch (no implicit scaling: a recipe states its own lr and batch).
 """
-from core.fields import ConfigError, Field
+from core.fields import ConfigError, Field, at_least, in_range, list_of
 
 TASKS = ("classification", "detection")  # engine/tasks.py builds each
 METRICS = {"classification": ("top1", "top5", "ema_top1"),  # what eval.best_metric may name, per task
@@ -14,31 +14,6 @@ METRICS = {"classification": ("top1", "top5", "ema_top1"),  # what eval.best_met
                               for k in ("AP", "AP50", "AP75"))}
 SCHEDULES = ("step", "multistep", "cosine", "poly", "constant")
 WD_EXEMPT = ("norm", "bias", "marked")
-
-
-def _list_of(kind, low=None, name="item"):
-    def check(value, path):
-        for i, x in enumerate(value):
-            if not isinstance(x, kind) or isinstance(x, bool) or (low is not None and x < low):
-                bound = f" >= {low}" if low is not None else ""
-                raise ConfigError(f"{path}.{i}={x!r}: each {name} must be {kind.__name__}{bound}; "
-                                  f"e.g. {path}=[30, 60, 90]")
-    return check
-
-
-def _at_least(low, strict=False):
-    def check(value, path):
-        if value < low or (strict and value == low):
-            op = ">" if strict else ">="
-            raise ConfigError(f"{path}={value!r} must be {op} {low}; change it")
-    return check
-
-
-def _in_range(low, high):
-    def check(value, path):
-        if not low <= value <= high:
-            raise ConfigError(f"{path}={value!r} must be in [{low}, {high}]; change it")
-    return check
 
 
 def _lr_mult(value, path):
@@ -56,34 +31,34 @@ def _subset_of(choices):
 
 
 TRAIN_SCHEMA = {
-    "epochs": Field(100, "number of training epochs", check=_at_least(1)),
+    "epochs": Field(100, "number of training epochs", check=at_least(1)),
     "batch_size": Field(256, "GLOBAL batch per optimizer step (all processes x accum_steps)",
-                        check=_at_least(1)),
-    "accum_steps": Field(1, "gradient accumulation: micro-batches per optimizer step", check=_at_least(1)),
+                        check=at_least(1)),
+    "accum_steps": Field(1, "gradient accumulation: micro-batches per optimizer step", check=at_least(1)),
     "optimizer": Field("sgd", "optimizer (SGD with momentum)", choices=("sgd",)),
     "lr": Field(0.1, "peak learning rate for train.batch_size (reached after warmup)",
-                check=_at_least(0.0, strict=True)),
+                check=at_least(0.0, strict=True)),
     "backbone_lr_mult": Field(1.0, "fine-tuning: every parameter but the classifier's trains at train.lr x this "
                               "(e.g. 0.1; the schedule scales both alike); 1: one LR for all",
                               check=_lr_mult),
-    "momentum": Field(0.9, "SGD momentum", check=_in_range(0.0, 1.0)),
+    "momentum": Field(0.9, "SGD momentum", check=in_range(0.0, 1.0)),
     "nesterov": Field(False, "use Nesterov momentum"),
-    "weight_decay": Field(1e-4, "L2 weight decay (SGD's coupled form)", check=_at_least(0.0)),
+    "weight_decay": Field(1e-4, "L2 weight decay (SGD's coupled form)", check=at_least(0.0)),
     "wd_exempt": Field([], "parameters without weight decay: 'norm' (norm layers), 'bias' (all biases), "
                        "'marked' (names listed by a module's no_weight_decay, e.g. CE's mixing theta)",
                        type=list, check=_subset_of(WD_EXEMPT)),
     "schedule": Field("step", "LR schedule, evaluated every iteration", choices=SCHEDULES),
-    "step_size": Field(30, "step: decay by gamma every step_size epochs", check=_at_least(1)),
+    "step_size": Field(30, "step: decay by gamma every step_size epochs", check=at_least(1)),
     "milestones": Field([30, 60, 90], "multistep: epochs at which lr is multiplied by gamma",
-                        type=list, check=_list_of(int, 0, "milestone")),
-    "gamma": Field(0.1, "step/multistep decay factor", check=_at_least(0.0)),
-    "power": Field(1.0, "poly: lr = min_lr + (lr - min_lr) * (1 - t/T)^power", check=_at_least(0.0)),
-    "min_lr": Field(0.0, "cosine/poly: final learning rate", check=_at_least(0.0)),
+                        type=list, check=list_of(int, 0, "milestone")),
+    "gamma": Field(0.1, "step/multistep decay factor", check=at_least(0.0)),
+    "power": Field(1.0, "poly: lr = min_lr + (lr - min_lr) * (1 - t/T)^power", check=at_least(0.0)),
+    "min_lr": Field(0.0, "cosine/poly: final learning rate", check=at_least(0.0)),
     "warmup_epochs": Field(0.0, "linear warmup length in epochs (fractions allowed, per iteration)",
-                           check=_at_least(0.0)),
+                           check=at_least(0.0)),
     "warmup_start_factor": Field(0.1, "warmup starts at lr * warmup_start_factor",
-                                 check=_in_range(0.0, 1.0)),
-    "label_smoothing": Field(0.0, "cross-entropy label smoothing", check=_in_range(0.0, 1.0)),
+                                 check=in_range(0.0, 1.0)),
+    "label_smoothing": Field(0.0, "cross-entropy label smoothing", check=in_range(0.0, 1.0)),
     "amp": Field("none", "mixed precision (autocast, on CUDA and CPU): none, bf16, or fp16 (with a dynamic grad scaler)",
                  choices=("none", "bf16", "fp16")),
     "channels_last": Field(False, "use channels_last memory format for the model and inputs"),
@@ -93,19 +68,19 @@ TRAIN_SCHEMA = {
                              "tests) or eager (dynamo only)", choices=("inductor", "aot_eager", "eager")),
     "sync_bn": Field(False, "convert BatchNorm layers to SyncBatchNorm when training on several processes"),
     "clip_grad_norm": Field(None, "clip the global gradient norm to this value (null: off)",
-                            type=(int, float), nullable=True, check=_at_least(0.0, strict=True)),
+                            type=(int, float), nullable=True, check=at_least(0.0, strict=True)),
     "max_nonfinite": Field(None, "null: stop (exit 3) when the logged loss is nan/inf (checked at log "
                            "intervals, no per-step sync); N: check every step (one device sync per step) and "
-                           "skip up to N nan/inf updates in a row", type=int, nullable=True, check=_at_least(0)),
+                           "skip up to N nan/inf updates in a row", type=int, nullable=True, check=at_least(0)),
     "ema": Field(False, "keep an exponential moving average of the weights (evaluated as ema_top1)"),
-    "ema_decay": Field(0.9999, "EMA decay per update", check=_in_range(0.0, 1.0)),
-    "ema_every": Field(1, "update the EMA every N optimizer steps", check=_at_least(1)),
+    "ema_decay": Field(0.9999, "EMA decay per update", check=in_range(0.0, 1.0)),
+    "ema_every": Field(1, "update the EMA every N optimizer steps", check=at_least(1)),
 }
 
 EVAL_SCHEMA = {
     "interval": Field(1, "evaluate every N epochs during training (0: only after the last epoch)",
-                      check=_at_least(0)),
-    "batch_size": Field(256, "GLOBAL evaluation batch (split over processes)", check=_at_least(1)),
+                      check=at_least(0)),
+    "batch_size": Field(256, "GLOBAL evaluation batch (split over processes)", check=at_least(1)),
     "best_metric": Field("top1", "metric that selects best.pth (higher is better): top1, top5, ema_top1 "
                          "(classification); bbox_AP, segm_AP, bbox_AP50, ... and ema_ forms (detection)",
                          choices=tuple(m for ms in METRICS.values() for m in ms)),
@@ -118,17 +93,17 @@ RUNTIME_SCHEMA = {
     "device": Field("auto", "auto (cuda when available), cuda or cpu", choices=("auto", "cuda", "cpu")),
     "threads": Field(None, "CPU threads per process (null: OMP_NUM_THREADS when set, else the cores this "
                      "process may use / processes on the node, 1 to 8; engine/threads.py)",
-                     type=int, nullable=True, check=_at_least(1)),
-    "seed": Field(0, "base random seed (each rank adds its rank)", check=_at_least(0)),
+                     type=int, nullable=True, check=at_least(1)),
+    "seed": Field(0, "base random seed (each rank adds its rank)", check=at_least(0)),
     "deterministic": Field(False, "use deterministic algorithms (slower; cudnn.benchmark off)"),
     "cudnn_benchmark": Field(True, "let cuDNN pick the fastest kernels (ignored when deterministic)"),
-    "log_interval": Field(20, "print/log training metrics every N optimizer steps", check=_at_least(1)),
+    "log_interval": Field(20, "print/log training metrics every N optimizer steps", check=at_least(1)),
     "tensorboard": Field(True, "write tensorboardX scalars to <work_dir>/tb"),
     "ckpt_interval": Field(1, "save a checkpoint every N epochs (the last epoch is always saved)",
-                           check=_at_least(1)),
+                           check=at_least(1)),
     "ckpt_interval_steps": Field(0, "also save every N optimizer steps, mid-epoch (0: off)",
-                                 check=_at_least(0)),
-    "keep_last": Field(3, "keep the last K checkpoints (best.pth is kept separately)", check=_at_least(1)),
+                                 check=at_least(0)),
+    "keep_last": Field(3, "keep the last K checkpoints (best.pth is kept separately)", check=at_least(1)),
     "auto_resume": Field(True, "resume from the work directory's latest checkpoint when there is one"),
     "resume_mismatch": Field("refuse", "a work dir whose config.yaml trained another model/recipe: refuse, or "
                              "allow continuing it with the differing keys (logged)", choices=("refuse", "allow")),
@@ -137,18 +112,18 @@ RUNTIME_SCHEMA = {
     "handle_signals": Field(True, "on SIGTERM/SIGUSR1/SIGINT save at the current step and exit with code 75"),
     "max_steps": Field(0, "stop after this many optimizer steps in total, without saving (0: no limit; "
                        "smoke tests and benchmarks)",
-                       check=_at_least(0)),
+                       check=at_least(0)),
 }
 
 DIST_SCHEMA = {
     "backend": Field("auto", "process group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo",
                      choices=("auto", "nccl", "gloo")),
-    "timeout_min": Field(30, "collective timeout in minutes", check=_at_least(1)),
+    "timeout_min": Field(30, "collective timeout in minutes", check=at_least(1)),
     "watchdog_s": Field(300, "end the run (exit 76, naming it) when a rank or data worker makes no progress for this "
                         "many seconds; below timeout_min; the first step is not watched (0: off)",
-                        check=_at_least(0)),
+                        check=at_least(0)),
     "rdzv_timeout_s": Field(300, "seconds to wait for every process (all nodes) to join before exiting 76",
-                            check=_at_least(1)),
+                            check=at_least(1)),
     "find_unused_parameters": Field(False, "DDP find_unused_parameters (only for models that need it)"),
 }
 

@@ -1,5 +1,5 @@
 """The ``model`` section of the config: which backbone, which conv, which plug-ins."""
-from core.fields import ConfigError, Field
+from core.fields import ConfigError, Field, at_least
 
 
 def _stage_index(value, path):
@@ -43,29 +43,24 @@ def _anchor_sizes(value, path):
                           f"(len(out_indices) + 1 with the pooled level), e.g. [32, 64, 128, 256, 512]")
 
 
-def _positive(value, path):
-    if value < 1:
-        raise ConfigError(f"{path}={value!r} must be >= 1")
-
-
 # task: detection reads this section; `model` is then the detector's body (features_only is implied)
 DETECTOR_SCHEMA = {
     "type": Field("faster_rcnn", "torchvision detector around the FPN over model's backbone: faster_rcnn (boxes) "
                   "or mask_rcnn (boxes and instance masks)", choices=("faster_rcnn", "mask_rcnn")),
     "num_classes": Field(80, "object categories (the background class is added); must equal the annotation "
-                         "file's category count", type=int, check=_positive),
+                         "file's category count", type=int, check=at_least(1)),
     "out_indices": Field([1, 2, 3, 4], "backbone maps the FPN takes (model.out_indices for the body), finest "
                          "first; ResNets: [1, 2, 3, 4] = C2-C5 (strides 4-32)", type=list),
-    "fpn_channels": Field(256, "FPN output channels", type=int, check=_positive),
+    "fpn_channels": Field(256, "FPN output channels", type=int, check=at_least(1)),
     "anchor_sizes": Field([32, 64, 128, 256, 512], "RPN anchor size per FPN level (one per out_indices entry "
                           "plus the pooled level), aspect ratios 0.5/1/2", type=list, check=_anchor_sizes),
     "min_size": Field(800, "images are resized so the shorter side is this, unless the longer side would exceed "
-                      "max_size (torchvision's GeneralizedRCNNTransform)", type=int, check=_positive),
-    "max_size": Field(1333, "upper bound of the resized longer side", type=int, check=_positive),
+                      "max_size (torchvision's GeneralizedRCNNTransform)", type=int, check=at_least(1)),
+    "max_size": Field(1333, "upper bound of the resized longer side", type=int, check=at_least(1)),
     "rpn_post_nms_top_n": Field(2000, "RPN proposals kept per image in training (torchvision/Detectron: 2000; "
-                                "1000 in evaluation)", type=int, check=_positive),
+                                "1000 in evaluation)", type=int, check=at_least(1)),
     "box_batch_size_per_image": Field(512, "RoIs sampled per image for the box head's loss (Detectron: 512)",
-                                      type=int, check=_positive),
+                                      type=int, check=at_least(1)),
     "detections_per_img": Field(100, "detections kept per image (COCO evaluates 100)", type=int,
-                                check=_positive),
+                                check=at_least(1)),
 }

@@ -131,7 +131,7 @@ CASES = [
     ('config-not-utf8', 'train', ['{t}/latin1.yaml', W], 2, r'latin1\.yaml: not UTF-8 text .*; save it as UTF-8',
      'work'),
     ('synthetic-size-huge', 'train', ['{t}/base.yaml', 'data.synthetic.train_size=100000000000', W], 2,
-     r'data\.synthetic\.train_size must be in \[1, 10,000,000\]', 'work'),
+     r'data\.synthetic\.train_size=100000000000 must be in \[1, 10,000,000\]', 'work'),
     ('work-dir-tb-is-a-file', 'train', ['{t}/base.yaml', 'runtime.tensorboard=true', 'runtime.work_dir={t}/w_tb'],
      74, r'w_tb/tb is a file where the run writes its tb folder; move it away', 'w_tb'),
     ('work-dir-metrics-is-a-folder', 'train', ['{t}/base.yaml', 'runtime.work_dir={t}/w_metrics'], 74,

@@ -3,36 +3,13 @@
     python -m tools.flops configs/imagenet/cenet/ce_resnet50.yaml [key=value ...] [--convention ednet]
     python -m tools.flops --table          # the tables of docs/tools.md vs the published figures
 
-Two counting conventions, both for one image in eval mode:
-
-``macs`` (default): true multiply-accumulates (the convention of torchvision's
-tables: ResNet-50 = 4.09), counted on what actually runs with
-``torch.utils.flop_counter`` (convs, transposed convs, matmuls, CE's Newton
-iterations; not elementwise ops).
-
-``ednet``: the counting that reproduces the ED-Net README's GFLOPs table, i.e.
-the module-hook rules of thop (Lyken17/pytorch-OpCounter, ``thop.profile``;
-identical to thop 0.1.1 on every model in this repository, see
-``docs/ed_variants.md``), written out here -- thop is not a dependency:
-
-* Conv / ConvTranspose (any dimension): every *output* element costs
-  ``C_in / groups * prod(kernel)``. For a convolution that is its true MACs;
-  for a stride-s transposed convolution it is s^2 times them (4x at stride 2),
-  because the kernel is charged at every output pixel instead of every input pixel;
-* BatchNorm / SyncBatchNorm / InstanceNorm / LayerNorm: 2 per input element,
-  x2 when the norm is affine (so 4 for an ordinary BatchNorm2d);
-* Linear: ``in_features`` per output element;
-* AdaptiveAvgPool: (input/output area ratio + 1) per output element; AvgPool: 1;
-* everything else is free: activations, max pooling, additions, and any
-  computation that does not run inside one of the modules above (functional
-  ``torch.matmul``, ``x.mean``): thop sees modules only. A module counted by a
-  rule is not searched further (thop's rule), a module run twice counts twice.
-
-Use ``ednet`` only to compare with the ED-Net README; every other figure in
-this repository (model zoo, benchmarks) is ``macs``.
+``--convention macs`` (default) counts true multiply-accumulates, as torchvision's tables do; ``ednet``
+reproduces the ED-Net README's counting (thop's module rules). analysis/flops.py says exactly what each
+counts; every other figure in this repository (model zoo, benchmarks) is ``macs``.
 """
 import argparse
 import sys
+
 import torch
 
 from analysis.flops import CONVENTIONS, complexity
