@@ -105,7 +105,7 @@ def _loaders(root, workers, batch):
 def measure_loader(make_loader, epochs):
     """Warm-up epoch, then `epochs` timed epochs: (images, wall seconds, worker CPU seconds)."""
     loader = make_loader()
-    sampler = loader.sampler
+    sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)  # inside a (grouped) batch sampler
     it = iter(loader)
     for _ in it:
         pass
@@ -116,7 +116,7 @@ def measure_loader(make_loader, epochs):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         for x, _ in loader:
-            images += x.shape[0]
+            images += len(x)  # a tensor, or detection's list of images
     wall = time.perf_counter() - t0
     cpu = (_cpu_seconds(pids) if pids else time.process_time()) - cpu0
     del it, loader

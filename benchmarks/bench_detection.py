@@ -53,7 +53,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_data import _cpu_seconds  # noqa: E402
+from benchmarks.bench_data import measure_loader  # noqa: E402
+from benchmarks.bench_loop_overhead import timed  # noqa: E402
 
 
 class FixedLoader:
@@ -135,16 +136,6 @@ class ReferenceLoop:
             end = time.time()
 
 
-def timed(fn):
-    """(wall seconds, CPU seconds of this process) of ``fn()``."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    sync()
-    return time.perf_counter() - w, time.process_time() - c
-
-
 def build(args, root, work_dir):
     from engine.config import load_config
     from engine.trainer import Trainer
@@ -152,25 +143,6 @@ def build(args, root, work_dir):
             "eval.interval=0", "eval.final=false", f"runtime.device={args.device}", f"runtime.work_dir={work_dir}",
             "runtime.auto_resume=false", "runtime.tensorboard=false", f"train.epochs={args.rounds * 2 + 2}"]
     return Trainer(load_config(args.config, over + args.overrides))
-
-
-def measure_loader(loader, epochs):
-    """Warm-up epoch, then ``epochs`` timed epochs: (images, wall seconds, CPU seconds of the workers)."""
-    sampler = loader.batch_sampler.sampler
-    it = iter(loader)
-    for _ in it:
-        pass
-    pids = [w.pid for w in getattr(it, "_workers", [])]
-    cpu0 = _cpu_seconds(pids) if pids else time.process_time()
-    t0, images = time.perf_counter(), 0
-    for epoch in range(1, epochs + 1):
-        sampler.set_epoch(epoch)
-        for x, _ in loader:
-            images += len(x)
-    wall = time.perf_counter() - t0
-    cpu = (_cpu_seconds(pids) if pids else time.process_time()) - cpu0
-    del it
-    return images, wall, cpu
 
 
 def main(argv=None):
@@ -254,10 +226,9 @@ def main(argv=None):
         train_set = t.train_set
         for rep in range(args.loader_repeats):
             for workers in [w for w in args.workers if w > 0]:
-                loader = build_loader(train_set, {**cfg.data, "workers": workers}, "train", args.batch, False,
-                                      cfg.runtime.seed)
-                images, wall, cpu = measure_loader(loader, args.loader_epochs)
-                del loader
+                images, wall, cpu = measure_loader(
+                    lambda: build_loader(train_set, {**cfg.data, "workers": workers}, "train", args.batch, False,
+                                         cfg.runtime.seed), args.loader_epochs)
                 loader_rows.setdefault(workers, []).append((images / wall / workers, images / cpu))
                 print(f"loader rep {rep} workers {workers}: {images / wall / workers:.1f} img/s/worker (wall), "
                       f"{images / cpu:.1f} img per worker CPU-s", flush=True)
