@@ -76,6 +76,10 @@ def start_epoch(loader, epoch, skip_batches=0):
     of (seed, epoch) only, so a resumed epoch sees exactly the batches an uninterrupted run still would."""
     grouped = getattr(loader.batch_sampler, "set_skip", None)  # detection's GroupedBatchSampler skips batches
     sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+    if not isinstance(sampler, TrainSampler):  # a fixed list of batches (the benchmarks): nothing to shuffle
+        if skip_batches:
+            raise RuntimeError(f"cannot skip batches of {type(sampler).__name__} on resume; use data.TrainSampler")
+        return
     sampler.set_epoch(epoch)
     if grouped is not None:
         grouped(skip_batches)

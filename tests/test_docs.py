@@ -55,7 +55,7 @@ NOT_RUN = [
     (r"python -m tools\.ablation$", "15 trainings: 15 minutes on a quiet 2-core machine"),
     (r"python -m tools\.export ", "needs a trained checkpoint and writes into the model zoo"),
     (r"python -m tools\.convert_pickle ", "needs your old checkpoint"),
-    (r"python -m tools\.fault_inject", "kills and resumes training runs for minutes"),
+    (r"python -m tests\.fault_inject", "kills and resumes training runs for minutes"),
     (r"python -m benchmarks\.", "benchmarks take minutes and need a quiet machine (or the originals' code)"),
 ]
 
@@ -151,14 +151,15 @@ class _Parsed(Exception):
 
 def parses(argv):
     """``python -m argv...`` gets as far as having parsed its arguments (the tool stops there)."""
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_and_stop(self, args=None, namespace=None):
-        original(self, args, namespace)
-        raise _Parsed
+    def stop_after(original):
+        def parse_and_stop(self, args=None, namespace=None):
+            original(self, args, namespace)
+            raise _Parsed
+        return parse_and_stop
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+        for name in ("parse_args", "parse_intermixed_args"):  # the tools use one or the other
+            m.setattr(argparse.ArgumentParser, name, stop_after(getattr(argparse.ArgumentParser, name)))
         try:
             code = run_module(argv)
         except _Parsed:

@@ -8,7 +8,7 @@ import pytest
 from core.config import dump
 from tests.engine_helpers import ROOT, tiny_cfg
 
-PACKAGES = ("blocks", "configs", "data", "engine", "models", "tools")
+PACKAGES = ("analysis", "blocks", "configs", "core", "data", "engine", "models", "tools")
 
 
 def _wrapper(path, marker=None):
