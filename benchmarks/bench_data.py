@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import build_dataset, build_loader  # noqa: E402
 from data.decode import jpeg_size  # noqa: E402
 from data.transforms import sample_resized_crop  # noqa: E402
+from benchmarks.harness import write_report  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -243,11 +244,7 @@ def main(argv=None):
               "- independent streams, 20000 crops each (reference / blocklab), two-sample KS test:", "",
               "| quantity | mean | median | KS D | p-value |", "|---|---|---|---|---|"] + crop_rows
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(report)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

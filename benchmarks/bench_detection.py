@@ -55,6 +55,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_data import measure_loader  # noqa: E402
 from benchmarks.bench_loop_overhead import timed  # noqa: E402
+from benchmarks.harness import write_report  # noqa: E402
 
 
 class FixedLoader:
@@ -285,13 +286,9 @@ def main(argv=None):
                   f"{args.loader_repeats} repeats, {args.loader_epochs} timed epoch(s) of {len(train_set)} images "
                   "after a warm-up epoch): below 1, one worker per process keeps the model fed."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-    return {"cpu_ratio": cpu, "cpu_fastest_ratio": fast, "wall_ratio": {n: summary(n, 0)[1] for n in names}, "model_img_s": model_img_s,
-            "loader": loader_rows}
+    write_report(text, args.out)
+    return {"cpu_ratio": cpu, "cpu_fastest_ratio": fast, "wall_ratio": {n: summary(n, 0)[1] for n in names},
+            "model_img_s": model_img_s, "loader": loader_rows}
 
 
 if __name__ == "__main__":

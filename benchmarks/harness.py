@@ -5,6 +5,7 @@ Kept apart so the benchmark's command line stays short and ``benchmarks/checks.p
 """
 import contextlib
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -362,3 +363,12 @@ def results_table(rows):
         out.append(f"{head} {r['step_ms']:.1f} | {r['step_ms_min']:.1f} | {r['images_per_s']:.1f} | {r['ratio']:.3f} | "
                    f"{r['tflops']:.3f} | {f(r['mfu'], '.1f', 100, '%')} | {f(r['peak_mem_mb'], '.0f')} |")
     return "\n".join(out)
+
+
+def write_report(text, out=None):
+    """Print a benchmark's markdown report and, with ``out``, write it there (folders made as needed)."""
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
